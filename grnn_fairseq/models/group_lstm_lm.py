@@ -1,0 +1,261 @@
+"""group_lstm_lm: an LSTM language model on GroupLSTM (Gao et al., NAACL 2018, section 4.1 and Table 1).
+
+embedding -> dropout -> GroupLSTM stack -> dropout -> (projection) -> softmax over the vocabulary.
+Runs with ``--task language_modeling`` and everything fairseq offers for it: fairseq-eval-lm for
+perplexity, fairseq-generate / hub ``sample`` for sampling (incremental decoding), adaptive softmax.
+"""
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairseq import utils
+from fairseq.models import (
+    FairseqIncrementalDecoder,
+    FairseqLanguageModel,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.modules import AdaptiveSoftmax
+from torch import Tensor
+
+from grnn_fairseq.modules import GroupLSTM
+
+DEFAULT_MAX_TARGET_POSITIONS = 100000
+
+
+def check_groups(args, groups_flag: str, sizes) -> None:
+    """Fail at build time, naming the flags, when a group count does not divide a layer size."""
+    groups = getattr(args, groups_flag.lstrip("-").replace("-", "_"))
+    if groups < 1:
+        raise ValueError(f"{groups_flag} must be >= 1, got {groups}")
+    for size_flag in sizes:
+        size = getattr(args, size_flag.lstrip("-").replace("-", "_"))
+        if size % groups != 0:
+            raise ValueError(f"{groups_flag} {groups} does not divide {size_flag} {size}")
+
+
+def sequence_dropout(x: Tensor, p: float, training: bool, variational: bool) -> Tensor:
+    """Dropout on B x T x C; with ``variational`` one mask per sequence, shared by all T steps."""
+    if not training or p == 0:
+        return x
+    if not variational:
+        return F.dropout(x, p, training=True)
+    mask = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - p) / (1 - p)  # B x 1 x C
+    return x * mask
+
+
+@register_model("group_lstm_lm")
+class GroupLSTMLanguageModel(FairseqLanguageModel):
+    """A language model whose recurrent layers are group LSTMs (``--decoder-groups K``)."""
+
+    @staticmethod
+    def add_args(parser):
+        # fmt: off
+        parser.add_argument('--dropout', type=float, metavar='D',
+                            help='dropout between LSTM layers (and default of the two below)')
+        parser.add_argument('--decoder-embed-dim', type=int, metavar='N', help='word embedding size')
+        parser.add_argument('--decoder-hidden-size', type=int, metavar='N', help='LSTM hidden size H')
+        parser.add_argument('--decoder-layers', type=int, metavar='N', help='number of LSTM layers')
+        parser.add_argument('--decoder-groups', type=int, metavar='K',
+                            help='groups K of every GroupLSTM layer (1 = dense LSTM)')
+        parser.add_argument('--decoder-out-embed-dim', type=int, metavar='N',
+                            help='size of the output projection (a linear layer from H is added if it differs)')
+        parser.add_argument('--decoder-dropout-in', type=float, metavar='D',
+                            help='dropout on the embeddings (default: --dropout)')
+        parser.add_argument('--decoder-dropout-out', type=float, metavar='D',
+                            help='dropout before the softmax (default: --dropout)')
+        parser.add_argument('--share-decoder-input-output-embed', action='store_true',
+                            help='tie input and output embeddings (Press and Wolf 2017)')
+        parser.add_argument('--no-shuffle-layers', action='store_true',
+                            help='no representation rearrangement between layers')
+        parser.add_argument('--no-shuffle-time', action='store_true',
+                            help='no representation rearrangement between time steps')
+        parser.add_argument('--variational-dropout', action='store_true',
+                            help='Gal and Ghahramani dropout: one mask per sequence on inputs, outputs, '
+                                 'between layers and on the recurrent state (rate --dropout there)')
+        parser.add_argument('--adaptive-softmax-cutoff', metavar='EXPR',
+                            help='comma separated adaptive softmax cutoffs; use with --criterion adaptive_loss')
+        parser.add_argument('--max-target-positions', type=int, metavar='N',
+                            help='longest sequence the model accepts')
+        # fmt: on
+
+    @classmethod
+    def build_model(cls, args, task):
+        base_architecture(args)
+        check_groups(args, "--decoder-groups", ["--decoder-embed-dim", "--decoder-hidden-size"])
+        if args.share_decoder_input_output_embed:
+            if args.adaptive_softmax_cutoff is not None:
+                raise ValueError("--share-decoder-input-output-embed cannot be combined with --adaptive-softmax-cutoff")
+            if args.decoder_out_embed_dim != args.decoder_embed_dim:
+                raise ValueError(
+                    f"--share-decoder-input-output-embed needs --decoder-out-embed-dim "
+                    f"({args.decoder_out_embed_dim}) == --decoder-embed-dim ({args.decoder_embed_dim})"
+                )
+        if args.max_target_positions is None:
+            args.max_target_positions = getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+        cutoff = None
+        if args.adaptive_softmax_cutoff is not None:
+            cutoff = utils.eval_str_list(args.adaptive_softmax_cutoff, type=int)
+        decoder = GroupLSTMLMDecoder(
+            task.target_dictionary,
+            embed_dim=args.decoder_embed_dim,
+            hidden_size=args.decoder_hidden_size,
+            num_layers=args.decoder_layers,
+            groups=args.decoder_groups,
+            out_embed_dim=args.decoder_out_embed_dim,
+            dropout=args.dropout,
+            dropout_in=args.decoder_dropout_in,
+            dropout_out=args.decoder_dropout_out,
+            share_input_output_embed=args.share_decoder_input_output_embed,
+            shuffle_layers=not args.no_shuffle_layers,
+            shuffle_time=not args.no_shuffle_time,
+            variational_dropout=args.variational_dropout,
+            adaptive_softmax_cutoff=cutoff,
+            max_target_positions=args.max_target_positions,
+        )
+        return cls(decoder)
+
+
+class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
+    """Embedding, GroupLSTM stack and output layer of :class:`GroupLSTMLanguageModel`.
+
+    Incremental state: ``cached_state`` = {"h": (L x B x H), "c": (L x B x H)}.
+    """
+
+    def __init__(
+        self,
+        dictionary,
+        embed_dim: int,
+        hidden_size: int,
+        num_layers: int,
+        groups: int,
+        out_embed_dim: int,
+        dropout: float,
+        dropout_in: float,
+        dropout_out: float,
+        share_input_output_embed: bool,
+        shuffle_layers: bool,
+        shuffle_time: bool,
+        variational_dropout: bool,
+        adaptive_softmax_cutoff=None,
+        max_target_positions: int = DEFAULT_MAX_TARGET_POSITIONS,
+    ):
+        super().__init__(dictionary)
+        self.dropout_in = dropout_in
+        self.dropout_out = dropout_out
+        self.variational_dropout = variational_dropout
+        self.share_input_output_embed = share_input_output_embed
+        self.max_target_positions = max_target_positions
+        num_embeddings = len(dictionary)
+        self.embed_tokens = nn.Embedding(num_embeddings, embed_dim, padding_idx=dictionary.pad())
+        nn.init.uniform_(self.embed_tokens.weight, -0.1, 0.1)
+        nn.init.zeros_(self.embed_tokens.weight[dictionary.pad()])
+        self.rnn = GroupLSTM(
+            embed_dim,
+            hidden_size,
+            num_layers=num_layers,
+            groups=groups,
+            dropout=dropout,
+            shuffle_layers=shuffle_layers,
+            shuffle_time=shuffle_time,
+            variational=variational_dropout,
+            recurrent_dropout=dropout if variational_dropout else 0.0,
+        )
+        # H -> out_embed_dim only where the sizes differ (e.g. tied embeddings smaller than H)
+        self.project_out = nn.Linear(hidden_size, out_embed_dim) if hidden_size != out_embed_dim else None
+        self.adaptive_softmax = None
+        self.fc_out = None
+        if adaptive_softmax_cutoff is not None:
+            self.adaptive_softmax = AdaptiveSoftmax(num_embeddings, out_embed_dim, adaptive_softmax_cutoff, dropout=dropout_out)
+        elif not share_input_output_embed:
+            self.fc_out = nn.Linear(out_embed_dim, num_embeddings)
+
+    def forward(
+        self,
+        prev_output_tokens: Tensor,
+        encoder_out=None,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        **kwargs,
+    ):
+        x = self.extract_features(prev_output_tokens, incremental_state)
+        return self.output_layer(x), None
+
+    def extract_features(self, prev_output_tokens: Tensor, incremental_state=None) -> Tensor:
+        hx = None
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+            cached = self.get_incremental_state(incremental_state, "cached_state")
+            if cached is not None:
+                hx = (cached["h"], cached["c"])
+        x = self.embed_tokens(prev_output_tokens)  # B x T x E
+        x = sequence_dropout(x, self.dropout_in, self.training, self.variational_dropout)
+        x = x.transpose(0, 1)  # B x T x E -> T x B x E
+        x, (h, c) = self.rnn(x, hx)  # T x B x H; h, c: L x B x H
+        if incremental_state is not None:
+            self.set_incremental_state(incremental_state, "cached_state", {"h": h, "c": c})
+        x = x.transpose(0, 1)  # T x B x H -> B x T x H
+        x = sequence_dropout(x, self.dropout_out, self.training, self.variational_dropout)
+        if self.project_out is not None:
+            x = self.project_out(x)  # B x T x H -> B x T x out_embed_dim
+        return x
+
+    def output_layer(self, x: Tensor) -> Tensor:
+        if self.adaptive_softmax is not None:  # the criterion applies it
+            return x
+        if self.share_input_output_embed:
+            return F.linear(x, self.embed_tokens.weight)
+        return self.fc_out(x)
+
+    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
+        cached = self.get_incremental_state(incremental_state, "cached_state")
+        if cached is None:
+            return
+        # L x B x H: the batch is dimension 1
+        reordered = {k: v.index_select(1, new_order) for k, v in cached.items()}
+        self.set_incremental_state(incremental_state, "cached_state", reordered)
+
+    def max_positions(self):
+        return self.max_target_positions
+
+
+@register_model_architecture("group_lstm_lm", "group_lstm_lm")
+def base_architecture(args):
+    args.dropout = getattr(args, "dropout", 0.1)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 512)
+    args.decoder_hidden_size = getattr(args, "decoder_hidden_size", args.decoder_embed_dim)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.decoder_groups = getattr(args, "decoder_groups", 2)
+    args.decoder_out_embed_dim = getattr(args, "decoder_out_embed_dim", args.decoder_embed_dim)
+    args.decoder_dropout_in = getattr(args, "decoder_dropout_in", args.dropout)
+    args.decoder_dropout_out = getattr(args, "decoder_dropout_out", args.dropout)
+    args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", False)
+    args.no_shuffle_layers = getattr(args, "no_shuffle_layers", False)
+    args.no_shuffle_time = getattr(args, "no_shuffle_time", False)
+    args.variational_dropout = getattr(args, "variational_dropout", False)
+    args.adaptive_softmax_cutoff = getattr(args, "adaptive_softmax_cutoff", None)
+    args.max_target_positions = getattr(args, "max_target_positions", None)
+
+
+@register_model_architecture("group_lstm_lm", "group_lstm_lm_ptb")
+def group_lstm_lm_ptb(args):
+    """The paper's PTB setting (section 4.1): Zaremba et al.'s large model with 2 groups."""
+    args.dropout = getattr(args, "dropout", 0.65)  # Zaremba et al. large PTB setting
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 1500)
+    args.decoder_hidden_size = getattr(args, "decoder_hidden_size", 1500)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.decoder_groups = getattr(args, "decoder_groups", 2)  # "PTB is a relatively simple dataset"
+    base_architecture(args)
+
+
+@register_model_architecture("group_lstm_lm", "group_lstm_lm_brown")
+def group_lstm_lm_brown(args):
+    """A CPU-sized model for the Brown corpus main job (scripts/prepare-brown.sh): 2 x 256, 2 groups, tied."""
+    args.dropout = getattr(args, "dropout", 0.3)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 256)
+    args.decoder_hidden_size = getattr(args, "decoder_hidden_size", 256)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.decoder_groups = getattr(args, "decoder_groups", 2)
+    args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
+    base_architecture(args)

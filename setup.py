@@ -1,0 +1,40 @@
+"""grnn_fairseq: group recurrent networks (Gao et al., NAACL 2018) as a fairseq plugin."""
+
+import os
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def version() -> str:
+    """The one version source is grnn_fairseq/__init__.py (read, not imported: torch may be absent)."""
+    with open(os.path.join(HERE, "grnn_fairseq", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+setup(
+    name="grnn_fairseq",
+    version=version(),
+    description="Group recurrent networks (Gao et al., NAACL 2018) for fairseq: GroupLSTM, group_lstm_lm, group_rnnsearch",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["grnn_fairseq", "grnn_fairseq.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # exact torch: an open range pulls a multi-GB CUDA build; 2.13.0 is the tested CPU wheel
+        "torch==2.13.0",
+        # PyPI's fairseq 0.12.2 cannot be imported on Python 3.11; ve-fairseq is a prebuilt later snapshot
+        "ve-fairseq==0.12.3",
+        # fairseq's language-modelling datasets call np.compat, removed in numpy 2
+        "numpy<2",
+        "sacrebleu>=2.0",
+        "sentencepiece",
+        "subword-nmt",
+        "sacremoses",
+        "matplotlib",
+        "scipy",
+    ],
+    extras_require={"test": ["pytest"]},
+)

@@ -1,0 +1,39 @@
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # in-process tests use tiny tensors; see fairseq_cli() below
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(ROOT, "grnn_fairseq")
+BIN = os.path.dirname(sys.executable)
+
+
+def fairseq_cli(command, *args, check=True, timeout=600):
+    """Run a fairseq console script (fairseq-train, ...) from this interpreter's environment."""
+    exe = os.path.join(BIN, command)
+    if not os.path.exists(exe):
+        pytest.skip(f"{command} is not installed beside {sys.executable}")
+    proc = subprocess.run(
+        [exe, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        # tiny models gain nothing from threads, and OpenMP threads spinning against other processes on a
+        # shared 2-core machine once slowed a 2 s training run to 70 s
+        env={**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{command} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def grammar_sentences(n, seed):
+    """Sentences of a tiny grammar: learnable, so perplexity must fall well below the vocabulary size."""
+    rng = random.Random(seed)
+    subj = ["the cat", "a dog", "the old man", "my sister", "the teacher"]
+    verb = ["sees", "likes", "finds", "calls"]
+    obj = ["the ball", "a red car", "the house", "her friend", "N apples"]
+    tail = ["today", "again", "at night", "in the park", ""]
+    return [" ".join(f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)} {rng.choice(tail)}".split()) for _ in range(n)]

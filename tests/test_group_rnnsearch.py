@@ -1,0 +1,304 @@
+"""group_rnnsearch: incremental decoding, padding invariance, architecture sizes and the fairseq CLI end to end."""
+
+import logging
+import random
+import re
+from argparse import Namespace
+
+import pytest
+import torch
+
+from fairseq import checkpoint_utils, options, utils
+from fairseq.data import Dictionary
+from fairseq.tasks.translation import TranslationTask
+
+from conftest import USER_DIR
+
+utils.import_user_module(Namespace(user_dir=USER_DIR))  # what --user-dir does: registers the models
+
+from grnn_fairseq.models.group_rnnsearch import GroupRNNSearchModel, recurrent_parameter_count  # noqa: E402
+from grnn_fairseq.modules import GroupLSTM, GroupLSTMCell  # noqa: E402
+
+VOCAB = 24
+
+
+def make_dictionary(size=VOCAB):
+    d = Dictionary()
+    while len(d) < size:
+        d.add_symbol(f"w{len(d)}")
+    return d
+
+
+def parse(arch, flags):
+    parser = options.get_training_parser()
+    return options.parse_args_and_arch(
+        parser, input_args=["unused-data-dir", "--task", "translation", "--arch", arch, "--user-dir", USER_DIR, *flags]
+    )
+
+
+def build(arch, *flags, src_dict=None, tgt_dict=None, device=None):
+    """Build through fairseq (parser, --arch defaults, TranslationTask.build_model)."""
+    args = parse(arch, flags)
+    src_dict = src_dict or make_dictionary()
+    task = TranslationTask(args, src_dict, tgt_dict or src_dict)
+    with torch.device(device or "cpu"):
+        return task.build_model(args)
+
+
+def tiny(groups, attention="bahdanau", *flags):
+    """3 + 3 layers so that the encoder and decoder GroupLSTM stacks shuffle between their own layers."""
+    torch.manual_seed(0)
+    model = build(
+        "group_rnnsearch",
+        "--encoder-embed-dim", "8", "--encoder-hidden-size", "8", "--encoder-layers", "3",
+        "--decoder-embed-dim", "8", "--decoder-first-layer-hidden-size", "16", "--decoder-hidden-size", "8",
+        "--decoder-layers", "3", "--encoder-groups", str(groups), "--decoder-groups", str(groups),
+        "--attention-type", attention, *flags,
+    )  # fmt: skip
+    return model.double().eval()
+
+
+def left_padded_batch(lengths, pad=1, eos=2, seed=0):
+    """B x S source tokens, left padded as fairseq's collater makes them, each ending with eos."""
+    g = torch.Generator().manual_seed(seed)
+    S = max(lengths)
+    tokens = torch.full((len(lengths), S), pad, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        tokens[b, S - n :] = torch.randint(4, VOCAB, (n,), generator=g)
+        tokens[b, -1] = eos
+    return tokens, torch.tensor(lengths)
+
+
+def log_probs(model, src, lengths, prev):
+    logits, attn = model(src, lengths, prev)
+    return model.get_normalized_probs((logits, attn), log_probs=True), attn
+
+
+@pytest.mark.parametrize("attention", ["bahdanau", "luong"])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_incremental_decoding_equals_full_forward(groups, attention):
+    model = tiny(groups, attention)
+    src, lengths = left_padded_batch([5, 3, 4])
+    prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)  # B x T, starts with eos
+    full, full_attn = log_probs(model, src, lengths, prev)
+    assert full_attn.shape == (3, 6, 5)  # B x T_tgt x S
+    assert torch.all(full_attn[1, :, :2] == 0)  # never attends to padding
+
+    encoder_out = model.encoder(src, lengths)
+    state = {}
+    for t in range(4):
+        logits, attn = model.decoder(prev[:, : t + 1], encoder_out, incremental_state=state)
+        step = model.get_normalized_probs((logits, attn), log_probs=True)
+        assert step.shape == (3, 1, VOCAB)
+        torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-10)
+        torch.testing.assert_close(attn[:, 0], full_attn[:, t], rtol=0, atol=1e-10)
+
+    # beam search reorders (and duplicates) hypotheses, then continues: must equal the reordered full pass
+    order = torch.tensor([2, 0, 0])
+    model.decoder.reorder_incremental_state_scripting(state, order)
+    encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)
+    full, _ = log_probs(model, src[order], lengths[order], prev[order])
+    for t in range(4, 6):
+        logits, attn = model.decoder(prev[order, : t + 1], encoder_out, incremental_state=state)
+        step = model.get_normalized_probs((logits, attn), log_probs=True)
+        torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_source_padding_does_not_change_the_output(groups):
+    model = tiny(groups)
+    src, lengths = left_padded_batch([6, 3, 4], seed=1)
+    prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 4))], 1)
+    batch, batch_attn = log_probs(model, src, lengths, prev)
+    right_padded = utils.convert_padding_direction(src, 1, left_to_right=True)
+    batch_right, _ = log_probs(model, right_padded, lengths, prev)
+    for b in range(3):
+        alone = src[b : b + 1, src.size(1) - int(lengths[b]) :]  # 1 x n, no padding
+        out, attn = log_probs(model, alone, lengths[b : b + 1], prev[b : b + 1])
+        torch.testing.assert_close(batch[b : b + 1], out, rtol=0, atol=1e-10)
+        torch.testing.assert_close(batch_right[b : b + 1], out, rtol=0, atol=1e-10)
+        # attention columns line up with the (left-padded) src_tokens, as --print-alignment expects
+        torch.testing.assert_close(batch_attn[b : b + 1, :, src.size(1) - int(lengths[b]) :], attn, rtol=0, atol=1e-10)
+
+
+def test_named_architectures_build_with_their_sizes():
+    def check(m, embed, d, enc_layers, first, dec_hidden, dec_layers, groups):
+        enc, dec = m.encoder, m.decoder
+        assert enc.embed_tokens.embedding_dim == embed and dec.embed_tokens.embedding_dim == embed
+        bi = enc.bidirectional
+        assert (bi.input_size, bi.hidden_size, bi.bidirectional, bi.groups) == (embed, d, True, groups)
+        up = enc.upper
+        assert (up.input_size, up.hidden_size, up.num_layers, up.groups) == (2 * d, 2 * d, enc_layers - 1, groups)
+        cell = dec.first_layer
+        assert (cell.input_size, cell.hidden_size, cell.groups) == (embed + first, first, 1)  # footnote 2
+        up = dec.upper
+        assert (up.input_size, up.hidden_size, up.num_layers, up.groups) == (first, dec_hidden, dec_layers - 1, groups)
+        assert dec.dropout_module.p == 0.1 and dec.dropout_out_module.p == 0.5
+
+    check(build("group_rnnsearch_iwslt", device="meta"), 256, 256, 2, 512, 256, 2, groups=2)
+    check(build("group_rnnsearch_wmt", device="meta"), 512, 1024, 4, 2048, 1024, 4, groups=2)
+    check(build("group_rnnsearch_gigaword", device="meta"), 512, 512, 2, 1024, 512, 2, groups=2)
+    check(build("group_rnnsearch", device="meta"), 256, 256, 2, 512, 256, 2, groups=1)  # dense baseline
+
+    # the README's Table 2 figure at K = 2: LSTM(I, H) has 4H(I + H) weights / K plus 8H biases
+    def lstm(i, h, k):
+        return 4 * h * (i + h) // k + 8 * h
+
+    iwslt = build("group_rnnsearch_iwslt", device="meta")
+    expected = 2 * lstm(256, 256, 2) + lstm(512, 512, 2) + lstm(768, 512, 1) + lstm(512, 256, 2)
+    assert recurrent_parameter_count(iwslt) == expected == 4_601_856
+
+    # Gigaword: every parameter U(-0.05, 0.05), padding rows zero
+    giga = build("group_rnnsearch_gigaword", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+                 "--encoder-hidden-size", "32", "--decoder-first-layer-hidden-size", "64",
+                 "--decoder-hidden-size", "32")  # fmt: skip
+    for name, p in giga.named_parameters():
+        assert p.abs().max() <= 0.05, name
+        assert p.abs().max() > 0.04, name  # really drawn from the whole interval, not a module default
+    assert torch.all(giga.encoder.embed_tokens.weight[1] == 0)
+
+
+def test_tied_embeddings():
+    m = build("group_rnnsearch", "--share-all-embeddings", "--decoder-out-embed-dim", "256", device="meta")
+    assert m.encoder.embed_tokens is m.decoder.embed_tokens
+    assert m.decoder.output_projection.weight is m.decoder.embed_tokens.weight
+    m = build("group_rnnsearch", "--share-decoder-input-output-embed", "--decoder-out-embed-dim", "256", device="meta")
+    assert m.decoder.output_projection.weight is m.decoder.embed_tokens.weight
+    assert m.encoder.embed_tokens is not m.decoder.embed_tokens
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--encoder-groups", "3"], "--encoder-groups 3 does not divide --encoder-embed-dim 256"),
+        (["--encoder-embed-dim", "255", "--encoder-groups", "5", "--encoder-hidden-size", "256"],
+         "--encoder-groups 5 does not divide --encoder-hidden-size 256"),
+        (["--decoder-groups", "3"], "--decoder-groups 3 does not divide --decoder-first-layer-hidden-size 512"),
+        (["--decoder-first-layer-groups", "3"], "--decoder-first-layer-groups 3 does not divide"),
+        (["--share-decoder-input-output-embed", "--decoder-out-embed-dim", "128"],
+         "--share-decoder-input-output-embed requires --decoder-out-embed-dim"),
+        (["--share-all-embeddings", "--decoder-embed-dim", "128", "--decoder-out-embed-dim", "128"],
+         "--share-all-embeddings requires --encoder-embed-dim"),
+        (["--decoder-layers", "0"], "--decoder-layers must be >= 1"),
+        (["--init-uniform", "-1"], "--init-uniform must be >= 0"),
+    ],
+)  # fmt: skip
+def test_invalid_flags_raise_value_error_naming_the_flag(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build("group_rnnsearch", *flags, device="meta")
+
+
+def test_invalid_flags_without_the_parser():
+    args = parse("group_rnnsearch", [])
+    args.attention_type = "dot"  # argparse's choices stop this on the command line, not programmatic use
+    task = TranslationTask(args, make_dictionary(), make_dictionary())
+    with pytest.raises(ValueError, match="--attention-type"):
+        GroupRNNSearchModel.build_model(args, task)
+    args = parse("group_rnnsearch", ["--share-all-embeddings"])
+    task = TranslationTask(args, make_dictionary(), make_dictionary(VOCAB + 4))
+    with pytest.raises(ValueError, match="--share-all-embeddings requires a joined dictionary"):
+        GroupRNNSearchModel.build_model(args, task)
+
+
+def test_recurrent_parameter_count_covers_exactly_the_group_lstm_layers():
+    m = tiny(2)
+    recurrent = {id(p) for mod in m.modules() if isinstance(mod, (GroupLSTM, GroupLSTMCell)) for p in mod.parameters()}
+    assert recurrent_parameter_count(m) == sum(p.numel() for p in m.parameters() if id(p) in recurrent)
+    assert recurrent_parameter_count(m.decoder.attention) == 0
+
+
+# --- end to end through fairseq's command line entry points, in process --------------------------------------
+
+
+def write_reversal_task(root, seed=0):
+    """Learn to reverse sequences of 3-8 letters: 2000 train, 100 valid, 50 test pairs."""
+    rng = random.Random(seed)
+    letters = "abcdefghij"
+    for split, n in (("train", 2000), ("valid", 100), ("test", 50)):
+        src, tgt = [], []
+        for _ in range(n):
+            seq = [rng.choice(letters) for _ in range(rng.randint(3, 8))]
+            src.append(" ".join(seq))
+            tgt.append(" ".join(reversed(seq)))
+        (root / f"{split}.src").write_text("\n".join(src) + "\n")
+        (root / f"{split}.tgt").write_text("\n".join(tgt) + "\n")
+
+
+def run_train(data, save_dir, max_epoch):
+    """group_rnnsearch_iwslt at toy sizes. One encoder layer: on this task a second (unidirectional, 2d)
+    encoder layer delays learning by tens of epochs, as it does for fairseq's own lstm arch; the two decoder
+    layers keep the grouped upper decoder stack in the incremental beam search below."""
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import train
+
+    args = parse(
+        "group_rnnsearch_iwslt",
+        [
+            "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-hidden-size", "32",
+            "--decoder-first-layer-hidden-size", "64", "--decoder-hidden-size", "32",
+            "--encoder-layers", "1", "--decoder-layers", "2", "--encoder-groups", "2", "--decoder-groups", "2",
+            "--dropout", "0", "--decoder-dropout-out", "0.1", "--optimizer", "adam", "--lr", "5e-3",
+            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "50", "--warmup-init-lr", "1e-4",
+            "--clip-norm", "1.0", "--batch-size", "64",
+            "--criterion", "cross_entropy", "--max-epoch", str(max_epoch), "--save-dir", str(save_dir),
+            "--no-epoch-checkpoints", "--cpu", "--seed", "1", "--num-workers", "0", "--log-format", "simple",
+            "--no-progress-bar", "--required-batch-size-multiple", "1",
+        ],
+    )  # fmt: skip
+    args.data = str(data)
+    # fairseq keeps the best validation loss in a process-wide attribute; a fresh fairseq-train starts without
+    # it (the resumed run restores it from checkpoint_last.pt), else checkpoint_best.pt may never be written
+    if hasattr(checkpoint_utils.save_checkpoint, "best"):
+        del checkpoint_utils.save_checkpoint.best
+    train.main(convert_namespace_to_omegaconf(args))
+
+
+def test_cli_preprocess_train_generate_resume(tmp_path, caplog):
+    from fairseq_cli import generate, preprocess
+
+    caplog.set_level(logging.INFO)
+    raw, data, save_dir = tmp_path / "raw", tmp_path / "data-bin", tmp_path / "checkpoints"
+    raw.mkdir()
+    write_reversal_task(raw)
+    parser = options.get_preprocessing_parser()
+    preprocess.main(
+        parser.parse_args(
+            ["--source-lang", "src", "--target-lang", "tgt", "--trainpref", str(raw / "train"),
+             "--validpref", str(raw / "valid"), "--testpref", str(raw / "test"), "--destdir", str(data),
+             "--joined-dictionary", "--workers", "1"]
+        )
+    )  # fmt: skip
+
+    run_train(data, save_dir, max_epoch=EPOCHS)
+
+    # checkpoint_best.pt: Adam at this learning rate has occasional one-epoch loss spikes on this toy task
+
+    parser = options.get_generation_parser()
+    args = options.parse_args_and_arch(
+        parser,
+        input_args=[
+            str(data), "--user-dir", USER_DIR, "--path", str(save_dir / "checkpoint_best.pt"), "--gen-subset",
+            "test", "--beam", "5", "--batch-size", "16", "--required-batch-size-multiple", "1", "--cpu",
+            "--print-alignment", "--results-path", str(tmp_path / "gen"),
+        ],
+    )  # fmt: skip
+    generate.main(args)
+    out = (tmp_path / "gen" / "generate-test.txt").read_text()
+    hypotheses = [line for line in out.splitlines() if line.startswith("H-")]
+    assert len(hypotheses) == 50
+    assert sum(line.startswith("A-") for line in out.splitlines()) == 50
+    bleu = float(re.search(r"BLEU4 = ([\d.]+)", out).group(1))
+    assert bleu >= 90, out[-2000:]
+
+    # resume: a larger --max-epoch continues from checkpoint_last.pt instead of starting over
+    caplog.clear()
+    run_train(data, save_dir, max_epoch=EPOCHS + 1)
+    # fairseq reports the epoch the loaded iterator resumes at; 2000 pairs / 64 per batch = 32 updates an epoch
+    loaded = re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch (\d+) @ (\d+) updates\)", caplog.text)
+    assert loaded and (int(loaded.group(1)), int(loaded.group(2))) == (EPOCHS + 1, EPOCHS * 32)
+    assert f"begin training epoch {EPOCHS + 1}" in caplog.text and "begin training epoch 1\n" not in caplog.text
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(save_dir / "checkpoint_last.pt"))
+    assert state["optimizer_history"][-1]["num_updates"] == (EPOCHS + 1) * 32  # one more epoch, not a restart
+
+
+EPOCHS = 15
