@@ -23,12 +23,15 @@ steps' input projections, one bmm per step for the recurrence). Tests compare th
 """
 
 import math
+import os
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from .fused_group_lstm import fused_group_lstm_direction, fused_supported
 
 
 def check_divisible(size: int, groups: int, what: str) -> None:
@@ -115,7 +118,43 @@ def from_group_major(v: Tensor) -> Tensor:
     return v.transpose(0, 1).reshape(B, K * Hk)
 
 
+_FUSED = os.environ.get("GRNN_FUSED", "1") != "0"  # GRNN_FUSED=0 selects the autograd path everywhere
+
+
+def set_fused(enabled: bool) -> bool:
+    """Use the fused path (``fused_group_lstm.py``) where it applies; returns the previous setting."""
+    global _FUSED
+    previous, _FUSED = _FUSED, bool(enabled)
+    return previous
+
+
 def group_lstm_direction(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+    shuffle_time: bool,
+    mask: Optional[Tensor] = None,
+    recurrent_mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Run one layer in one direction over a whole sequence; shapes as ``group_lstm_direction_autograd``.
+
+    Dispatches to the fused autograd Function (hand-written backward through time, the fast path for
+    training and inference) when it supports the call, else to the readable batched autograd path: with
+    ``set_fused(False)`` or GRNN_FUSED=0, a mask that is not a right-padding prefix mask, a shuffle with
+    (H/K) % K != 0, half precision or autocast.
+    """
+    if _FUSED:
+        ok, lengths = fused_supported(x, w_hh, shuffle_time, mask)
+        if ok:
+            return fused_group_lstm_direction(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, lengths, recurrent_mask)
+    return group_lstm_direction_autograd(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurrent_mask)
+
+
+def group_lstm_direction_autograd(
     x: Tensor,
     h: Tensor,
     c: Tensor,

@@ -1,0 +1,203 @@
+"""Throughput of GroupLSTM against nn.LSTM: the speed half of Gao et al. (NAACL 2018), figure 4 left.
+
+For every hidden size H the baseline is a one-layer nn.LSTM with input size H; the candidates are one-layer
+GroupLSTMs with K groups on the fused path and, for comparison, on the plain autograd path. Every candidate
+is timed forward without grad (inference) and forward + backward (training; the input requires grad, as an
+embedding output would). The candidates are timed interleaved, round after round, and each keeps the median
+of its rounds, so that machine noise hits all of them alike; the ratios are to nn.LSTM in the same run.
+
+    python -m grnn_fairseq.benchmark --hidden 256 1024 --groups 1 2 4 8 16 \\
+        --json docs/benchmark-cpu.json --png docs/benchmark-cpu.png
+"""
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+
+from grnn_fairseq.modules import group_lstm
+from grnn_fairseq.modules.group_lstm import GroupLSTM
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_steps(model: nn.Module, x: torch.Tensor, fused: bool) -> Dict[str, Callable[[], None]]:
+    """The two timed closures of one candidate: 'fwd' (no grad) and 'fwd_bwd'."""
+    gy = torch.randn(x.size(0), x.size(1), model.hidden_size, device=x.device)  # T x B x H
+
+    def select():
+        if isinstance(model, GroupLSTM):
+            group_lstm.set_fused(fused)
+
+    def fwd():
+        select()
+        with torch.no_grad():
+            model(x)
+
+    def fwd_bwd():
+        select()
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        y, _ = model(x)
+        y.backward(gy)
+
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd}
+
+
+def time_once(fn: Callable[[], None], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench_hidden(H: int, groups: List[int], T: int, B: int, repeats: int, warmup: int, device, autograd: bool):
+    """Time nn.LSTM and every GroupLSTM candidate at hidden size H; returns one row per candidate."""
+    x = torch.randn(T, B, H, device=device, requires_grad=True)  # T x B x H
+    cands = [{"name": "nn.LSTM", "K": None, "path": "cudnn" if device.type == "cuda" else "native", "model": nn.LSTM(H, H)}]
+    for K in groups:
+        if H % K:
+            print(f"skipping K={K}: does not divide hidden {H}")
+            continue
+        model = GroupLSTM(H, H, groups=K)
+        cands.append({"name": f"GroupLSTM K={K}", "K": K, "path": "fused", "model": model})
+        if autograd:
+            cands.append({"name": f"GroupLSTM K={K}", "K": K, "path": "autograd", "model": model})
+    for c in cands:
+        c["model"].to(device)
+        c["steps"] = make_steps(c["model"], x, c["path"] != "autograd")
+        c["times"] = {"fwd": [], "fwd_bwd": []}
+    previous = group_lstm.set_fused(True)
+    try:
+        for _ in range(warmup):
+            for c in cands:
+                for fn in c["steps"].values():
+                    fn()
+        for _ in range(repeats):
+            for c in cands:  # interleaved: every round times every candidate once
+                for mode, fn in c["steps"].items():
+                    c["times"][mode].append(time_once(fn, device))
+    finally:
+        group_lstm.set_fused(previous)
+    rows = []
+    for c in cands:
+        row = {
+            "hidden": H,
+            "name": c["name"],
+            "K": c["K"],
+            "path": c["path"],
+            "params": sum(p.numel() for p in c["model"].parameters()),
+        }
+        for mode in ("fwd", "fwd_bwd"):
+            med = statistics.median(c["times"][mode])
+            row[f"{mode}_ms"] = med * 1e3
+            row[f"{mode}_tok_s"] = T * B / med
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        for mode in ("fwd", "fwd_bwd"):
+            row[f"{mode}_ratio"] = row[f"{mode}_tok_s"] / base[f"{mode}_tok_s"]
+    return rows
+
+
+def print_table(rows: List[dict], T: int, B: int, device) -> None:
+    H = rows[0]["hidden"]
+    print(f"\nhidden {H}, T={T}, B={B}, one layer, {device}, {torch.get_num_threads()} threads")
+    header = f"{'model':<18}{'path':<10}{'params':>11}{'fwd tok/s':>12}{'x LSTM':>8}{'fwd+bwd tok/s':>15}{'x LSTM':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['name']:<18}{r['path']:<10}{r['params']:>11,}{r['fwd_tok_s']:>12,.0f}{r['fwd_ratio']:>7.2f}x"
+            f"{r['fwd_bwd_tok_s']:>15,.0f}{r['fwd_bwd_ratio']:>7.2f}x"
+        )
+
+
+def plot(results: List[dict], path: str) -> None:
+    """Figure 4 left of the paper, one panel per hidden size: parameters and throughput against K."""
+    import logging
+
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # the fairseq import may leave the root at DEBUG
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["hidden"] for r in results})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False)
+    for ax, H in zip(axes[0], sizes):
+        rows = [r for r in results if r["hidden"] == H]
+        base = rows[0]
+        fused = [r for r in rows if r["path"] == "fused"]
+        ks = [r["K"] for r in fused]
+        ax.plot(ks, [r["params"] / 1e6 for r in fused], "s-", color="tab:gray", label="parameters")
+        ax.axhline(base["params"] / 1e6, color="tab:gray", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.set_xlabel("groups K")
+        ax.set_ylabel("parameters (M)")
+        ax2 = ax.twinx()
+        for mode, color, label in (("fwd_bwd", "tab:blue", "fwd+bwd"), ("fwd", "tab:orange", "fwd (no grad)")):
+            ax2.plot(ks, [r[f"{mode}_tok_s"] / 1e3 for r in fused], "o-", color=color, label=f"GroupLSTM {label}")
+            ax2.axhline(base[f"{mode}_tok_s"] / 1e3, color=color, ls=":", lw=1, label=f"nn.LSTM {label}")
+            old = [r for r in rows if r["path"] == "autograd"]
+            if old:
+                ax2.plot([r["K"] for r in old], [r[f"{mode}_tok_s"] / 1e3 for r in old], "x--", color=color,
+                         alpha=0.5, label=f"autograd path {label}")
+        ax2.set_ylabel("thousand tokens / s")
+        ax2.set_ylim(bottom=0)
+        ax.set_title(f"hidden {H}")
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax2.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> List[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--seq-len", type=int, default=35, help="35: the PTB truncated-BPTT length of the paper")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds; the median is kept")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-autograd", action="store_true", help="skip the plain autograd path")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--png", help="draw the figure here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    results = []
+    for H in args.hidden:
+        rows = bench_hidden(H, args.groups, args.seq_len, args.batch, args.repeats, args.warmup, device, not args.no_autograd)
+        print_table(rows, args.seq_len, args.batch, device)
+        results.extend(rows)
+    meta = {
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": meta, "rows": results}, f, indent=1)
+    if args.png:
+        plot(results, args.png)
+    return results
+
+
+if __name__ == "__main__":
+    main()

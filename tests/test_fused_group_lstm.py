@@ -1,0 +1,198 @@
+"""The fused group LSTM path against the autograd path and ``group_lstm_reference``: outputs and every gradient."""
+
+import itertools
+
+import pytest
+import torch
+
+from grnn_fairseq.modules import group_lstm
+from grnn_fairseq.modules.fused_group_lstm import FusedGroupLSTMFunction, fused_supported
+from grnn_fairseq.modules.group_lstm import (
+    GroupLSTM,
+    group_lstm_direction,
+    group_lstm_direction_autograd,
+    group_lstm_reference,
+    step_mask,
+)
+
+T, B, C, H = 5, 3, 8, 16  # H/K = 4 is divisible by K = 4, so the shuffle takes the fused path at every K
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+@pytest.fixture
+def fused_mode():
+    """Restore the module-level switch after a test."""
+    previous = group_lstm.set_fused(True)
+    yield group_lstm.set_fused
+    group_lstm.set_fused(previous)
+
+
+def outputs_and_grads(run, module, x, hx, lengths):
+    """Outputs, h_n, c_n and the gradients of x, h0, c0 and every parameter of one weighted-sum loss."""
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    h0, c0 = (v.clone().requires_grad_(True) for v in hx)
+    y, (h, c) = run(module, x, (h0, c0), lengths)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((v * torch.randn(v.shape, generator=gen, dtype=v.dtype)).sum() for v in (y, h, c))
+    loss.backward()
+    return [y, h, c, x.grad, h0.grad, c0.grad] + [p.grad for p in module.parameters()]
+
+
+def run_module(module, x, hx, lengths):
+    return module(x, hx, lengths=lengths)
+
+
+def assert_close(got, want, tol):
+    assert len(got) == len(want)
+    for n, (a, b) in enumerate(zip(got, want)):
+        assert a is not None and b is not None, f"missing gradient #{n}"
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() <= tol, f"tensor #{n} differs by {(a - b).abs().max().item():.3g}"
+
+
+def make_case(K, dtype, bidirectional, shuffle_time, shuffle_layers, bias=True, seed=0):
+    torch.manual_seed(seed)
+    module = GroupLSTM(
+        C,
+        H,
+        num_layers=2,
+        groups=K,
+        bidirectional=bidirectional,
+        shuffle_time=shuffle_time,
+        shuffle_layers=shuffle_layers,
+        bias=bias,
+    ).to(dtype)
+    module.eval()
+    D = 2 if bidirectional else 1
+    x = torch.randn(T, B, C, dtype=dtype)
+    hx = (torch.randn(2 * D, B, H, dtype=dtype), torch.randn(2 * D, B, H, dtype=dtype))
+    return module, x, hx
+
+
+CASES = list(itertools.product([1, 2, 4], [False, True], [False, True], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("K,shuffle_time,shuffle_layers,bidirectional,padded", CASES)
+def test_fused_matches_autograd_and_reference(fused_mode, dtype, K, shuffle_time, shuffle_layers, bidirectional, padded):
+    module, x, hx = make_case(K, dtype, bidirectional, shuffle_time, shuffle_layers)
+    lengths = torch.tensor([5, 2, 4]) if padded else None
+    fused_mode(True)
+    fused = outputs_and_grads(run_module, module, x, hx, lengths)
+    fused_mode(False)
+    autograd = outputs_and_grads(run_module, module, x, hx, lengths)
+    reference = outputs_and_grads(group_lstm_reference, module, x, hx, lengths)
+    assert_close(fused, autograd, TOL[dtype])
+    assert_close(fused, reference, TOL[dtype])
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_fused_without_bias_and_empty_sequence(fused_mode, K):
+    module, x, hx = make_case(K, torch.float64, True, True, True, bias=False)
+    fused_mode(True)
+    lengths = torch.tensor([5, 1, 3])
+    fused = outputs_and_grads(run_module, module, x, hx, lengths)
+    reference = outputs_and_grads(group_lstm_reference, module, x, hx, lengths)
+    assert_close(fused, reference, 1e-10)
+    lengths = torch.tensor([5, 0, 3])  # an empty sequence keeps its initial state (the reference cannot run it)
+    fused = outputs_and_grads(run_module, module, x, hx, lengths)
+    fused_mode(False)
+    autograd = outputs_and_grads(run_module, module, x, hx, lengths)
+    assert_close(fused, autograd, 1e-10)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_fused_recurrent_dropout_matches_autograd(fused_mode, K):
+    module, x, hx = make_case(K, torch.float64, True, True, True)
+    module.recurrent_dropout = 0.3
+    module.train()  # the same seed draws the same masks on both paths
+    lengths = torch.tensor([5, 2, 4])
+    results = []
+    for enabled in (True, False):
+        fused_mode(enabled)
+        torch.manual_seed(7)
+        results.append(outputs_and_grads(run_module, module, x, hx, lengths))
+    assert_close(results[0], results[1], 1e-10)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_fused_function_at_one_group(shuffle):
+    """K = 1 without padding dispatches to aten's LSTM; the Function itself must still be right there."""
+    torch.manual_seed(0)
+    x = torch.randn(T, B, C, dtype=torch.float64)
+    h, c = torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    w_ih, w_hh = 0.3 * torch.randn(1, 4 * H, C, dtype=torch.float64), 0.3 * torch.randn(1, 4 * H, H, dtype=torch.float64)
+    b_ih, b_hh = torch.randn(1, 4 * H, dtype=torch.float64), torch.randn(1, 4 * H, dtype=torch.float64)
+    inputs = [t.requires_grad_(True) for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)]
+    got = FusedGroupLSTMFunction.apply(*inputs, shuffle, None, None)
+    want = group_lstm_direction_autograd(*inputs, shuffle)
+    grads_got = torch.autograd.grad(sum(v.sum() for v in got), inputs)
+    grads_want = torch.autograd.grad(sum(v.sum() for v in want), inputs)
+    assert_close(list(got) + list(grads_got), list(want) + list(grads_want), 1e-10)
+
+
+def test_inference_matches_training_forward(fused_mode):
+    module, x, hx = make_case(4, torch.float32, True, True, True)
+    lengths = torch.tensor([5, 2, 4])
+    with torch.no_grad():
+        y, (h, c) = module(x, hx, lengths=lengths)
+    y2, (h2, c2) = module(x, hx, lengths=lengths)
+    assert_close([y, h, c], [y2, h2, c2], 1e-6)  # strided and contiguous sigmoid kernels may differ in an ulp
+
+
+def test_gradcheck_fused_function():
+    torch.manual_seed(0)
+    K, Hs, Cs, Ts, Bs = 2, 4, 4, 4, 3
+    dt = torch.float64
+    x = torch.randn(Ts, Bs, Cs, dtype=dt)
+    h, c = torch.randn(Bs, Hs, dtype=dt), torch.randn(Bs, Hs, dtype=dt)
+    w_ih, w_hh = torch.randn(K, 4 * Hs // K, Cs // K, dtype=dt), torch.randn(K, 4 * Hs // K, Hs // K, dtype=dt)
+    b_ih, b_hh = torch.randn(K, 4 * Hs // K, dtype=dt), torch.randn(K, 4 * Hs // K, dtype=dt)
+    inputs = tuple(t.requires_grad_(True) for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
+    lengths = torch.tensor([4, 1, 3])
+    rmask = torch.rand(Bs, Hs, dtype=dt) * 2
+
+    def fn(*args):
+        return FusedGroupLSTMFunction.apply(*args, True, lengths, rmask)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_unsupported_calls_fall_back(fused_mode):
+    torch.manual_seed(0)
+    x = torch.randn(T, B, 8)
+    K, Hs = 4, 8  # H/K = 2 is not divisible by K = 4: no strided shuffle view
+    w_hh = torch.randn(K, 4 * Hs // K, Hs // K)
+    assert not fused_supported(x, w_hh, True, None)[0]
+    assert fused_supported(x, w_hh, False, None)[0]
+    # a mask that is not right padding goes to the autograd path, with the autograd path's result
+    mask = torch.ones(T, B, 1, dtype=torch.bool)
+    mask[1, 0] = False
+    assert not fused_supported(x, w_hh, False, mask)[0]
+    ok, lengths = fused_supported(x, w_hh, False, step_mask(torch.tensor([5, 2, 4]), T, x.device))
+    assert ok and lengths.tolist() == [5, 2, 4]
+    w_ih = torch.randn(K, 4 * Hs // K, 8 // K)
+    h = torch.zeros(B, Hs)
+    args = (x, h, h, w_ih, w_hh, None, None, True, mask)
+    assert_close(list(group_lstm_direction(*args)), list(group_lstm_direction_autograd(*args)), 0.0)
+
+
+def test_retain_graph_gives_the_same_gradients_twice(fused_mode):
+    module, x, hx = make_case(2, torch.float64, False, True, True)
+    x.requires_grad_(True)
+    y, _ = module(x, hx)
+    first = torch.autograd.grad(y.sum(), x, retain_graph=True)[0]
+    second = torch.autograd.grad(y.sum(), x)[0]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_cuda_matches_cpu(fused_mode, K):
+    module, x, hx = make_case(K, torch.float64, True, True, True)
+    lengths = torch.tensor([5, 2, 4])
+    cpu = outputs_and_grads(run_module, module, x, hx, lengths)
+    module_cuda = module.cuda()
+    gpu = outputs_and_grads(run_module, module_cuda, x.cuda(), tuple(v.cuda() for v in hx), lengths.cuda())
+    assert_close([v.cpu() for v in gpu], cpu, 1e-10)
