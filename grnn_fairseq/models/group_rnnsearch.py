@@ -537,7 +537,7 @@ def base_architecture(args):
     args.encoder_hidden_size = getattr(args, "encoder_hidden_size", 256)
     args.encoder_layers = getattr(args, "encoder_layers", 2)
     args.encoder_groups = getattr(args, "encoder_groups", 1)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 256)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", args.encoder_embed_dim)
     # the first decoder layer is as wide as the encoder states it attends over (see the module docstring)
     args.decoder_first_layer_hidden_size = getattr(
         args, "decoder_first_layer_hidden_size", 2 * args.encoder_hidden_size
@@ -567,13 +567,8 @@ def group_rnnsearch_iwslt(args):
     args.encoder_hidden_size = getattr(args, "encoder_hidden_size", 256)
     args.encoder_layers = getattr(args, "encoder_layers", 2)
     args.encoder_groups = getattr(args, "encoder_groups", 2)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 256)
-    args.decoder_first_layer_hidden_size = getattr(args, "decoder_first_layer_hidden_size", 512)
-    args.decoder_hidden_size = getattr(args, "decoder_hidden_size", 256)
     args.decoder_layers = getattr(args, "decoder_layers", 2)
     args.decoder_groups = getattr(args, "decoder_groups", 2)
-    args.dropout = getattr(args, "dropout", 0.1)
-    args.decoder_dropout_out = getattr(args, "decoder_dropout_out", 0.5)
     base_architecture(args)
 
 
@@ -584,13 +579,8 @@ def group_rnnsearch_wmt(args):
     args.encoder_hidden_size = getattr(args, "encoder_hidden_size", 1024)
     args.encoder_layers = getattr(args, "encoder_layers", 4)
     args.encoder_groups = getattr(args, "encoder_groups", 2)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 512)
-    args.decoder_first_layer_hidden_size = getattr(args, "decoder_first_layer_hidden_size", 2048)
-    args.decoder_hidden_size = getattr(args, "decoder_hidden_size", 1024)
     args.decoder_layers = getattr(args, "decoder_layers", 4)
     args.decoder_groups = getattr(args, "decoder_groups", 2)
-    args.dropout = getattr(args, "dropout", 0.1)
-    args.decoder_dropout_out = getattr(args, "decoder_dropout_out", 0.5)
     base_architecture(args)
 
 
@@ -601,12 +591,7 @@ def group_rnnsearch_gigaword(args):
     args.encoder_hidden_size = getattr(args, "encoder_hidden_size", 512)
     args.encoder_layers = getattr(args, "encoder_layers", 2)
     args.encoder_groups = getattr(args, "encoder_groups", 2)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 512)
-    args.decoder_first_layer_hidden_size = getattr(args, "decoder_first_layer_hidden_size", 1024)
-    args.decoder_hidden_size = getattr(args, "decoder_hidden_size", 512)
     args.decoder_layers = getattr(args, "decoder_layers", 2)
     args.decoder_groups = getattr(args, "decoder_groups", 2)
-    args.dropout = getattr(args, "dropout", 0.1)
-    args.decoder_dropout_out = getattr(args, "decoder_dropout_out", 0.5)
     args.init_uniform = getattr(args, "init_uniform", 0.05)  # §4.3: "uniformly sampled between (-0.05, 0.05)"
     base_architecture(args)
