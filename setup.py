@@ -36,5 +36,8 @@ setup(
         "matplotlib",
         "scipy",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest"],
+        "gigaword": ["rouge-score"],  # scripts/eval-gigaword.sh: ROUGE-1/2/L F1
+    },
 )
