@@ -19,6 +19,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn as nn
 
+from grnn_fairseq.modules import fused_group_lstm as fgl
 from grnn_fairseq.modules import group_lstm
 from grnn_fairseq.modules.group_lstm import GroupLSTM
 
@@ -51,6 +52,65 @@ def make_steps(model: nn.Module, x: torch.Tensor, fused: bool) -> Dict[str, Call
     return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
+def products_only_steps(H: int, K: int, x: torch.Tensor) -> Dict[str, Callable[[], None]]:
+    """The matrix products of the fused path at K groups and nothing else, with the kernels it picks.
+
+    Timing these beside nn.LSTM gives the ceiling of the fused path's ratio on this machine: what it would
+    reach if its gate math, shuffle and bookkeeping cost nothing. Forward: the input projections of all
+    steps, then one recurrent product per step. Backward adds one product per step (the recurrent input's
+    gradient), the input gradient and the two weight gradients over all T*B rows.
+    """
+    T, B, I = x.shape
+    Hk, G4 = H // K, 4 * H // K
+    w_ih = torch.randn(K, G4, I // K, device=x.device)
+    w_hh = torch.randn(K, G4, Hk, device=x.device)
+    w_hh_t = w_hh.transpose(1, 2).contiguous()  # K x H/K x 4H/K
+    w_ih_t = w_ih.transpose(1, 2).contiguous()  # K x I/K x 4H/K
+    bias = torch.zeros(K, G4, device=x.device)
+    xd = x.detach()
+    xg = xd.reshape(T * B, K, I // K).transpose(0, 1)  # T x B x I -> K x (T*B) x I/K
+    r = torch.randn(K, B, Hk, device=x.device)
+    gbuf = torch.empty(K, B, G4, device=x.device)
+    dg = torch.randn(K, T * B, G4, device=x.device)
+    dr = torch.empty(K, B, Hk, device=x.device)
+    step_mkldnn = fgl._step_mkldnn(xd, Hk)
+    lin = torch.ops.mkldnn._linear_pointwise if step_mkldnn else None
+
+    def forward():
+        gs = fgl._grouped_linear(xg, w_ih, bias)
+        for t in range(T):
+            if step_mkldnn:
+                torch.stack([lin.binary(r[k], gs[k][t * B : (t + 1) * B], w_hh[k], None, "add") for k in range(K)], out=gbuf)
+            else:
+                torch.stack([g[t * B : (t + 1) * B] for g in gs], out=gbuf)
+                gbuf.baddbmm_(r, w_hh_t)
+
+    def backward():
+        for t in range(T):
+            d = dg[:, t * B : (t + 1) * B]  # K x B x 4H/K
+            if step_mkldnn:
+                torch.stack([lin(d[k], w_hh_t[k], None, "none", [], "") for k in range(K)], out=dr)
+            else:
+                torch.bmm(d, w_hh, out=dr)
+        if fgl._use_mkldnn(xd):
+            torch.cat(fgl._grouped_linear(dg, w_ih_t, None), dim=1)
+        else:
+            torch.bmm(dg, w_ih)
+        torch.bmm(dg.transpose(1, 2), xg)  # d w_ih
+        torch.bmm(dg.transpose(1, 2), dg[..., :Hk])  # d w_hh (a T*B x H/K operand of the right shape)
+
+    def fwd():
+        with torch.no_grad():
+            forward()
+
+    def fwd_bwd():
+        with torch.no_grad():
+            forward()
+            backward()
+
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd}
+
+
 def time_once(fn: Callable[[], None], device: torch.device) -> float:
     sync(device)
     start = time.perf_counter()
@@ -59,7 +119,9 @@ def time_once(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench_hidden(H: int, groups: List[int], T: int, B: int, repeats: int, warmup: int, device, autograd: bool):
+def bench_hidden(
+    H: int, groups: List[int], T: int, B: int, repeats: int, warmup: int, device, autograd: bool, ceiling: bool = True
+):
     """Time nn.LSTM and every GroupLSTM candidate at hidden size H; returns one row per candidate."""
     x = torch.randn(T, B, H, device=device, requires_grad=True)  # T x B x H
     cands = [{"name": "nn.LSTM", "K": None, "path": "cudnn" if device.type == "cuda" else "native", "model": nn.LSTM(H, H)}]
@@ -71,9 +133,14 @@ def bench_hidden(H: int, groups: List[int], T: int, B: int, repeats: int, warmup
         cands.append({"name": f"GroupLSTM K={K}", "K": K, "path": "fused", "model": model})
         if autograd:
             cands.append({"name": f"GroupLSTM K={K}", "K": K, "path": "autograd", "model": model})
+        if ceiling and K > 1:  # K = 1 runs aten's own LSTM kernel: no products-only counterpart
+            cands.append({"name": f"GroupLSTM K={K}", "K": K, "path": "products", "model": model})
     for c in cands:
         c["model"].to(device)
-        c["steps"] = make_steps(c["model"], x, c["path"] != "autograd")
+        if c["path"] == "products":
+            c["steps"] = products_only_steps(H, c["K"], x)
+        else:
+            c["steps"] = make_steps(c["model"], x, c["path"] != "autograd")
         c["times"] = {"fwd": [], "fwd_bwd": []}
     previous = group_lstm.set_fused(True)
     try:
@@ -149,6 +216,10 @@ def plot(results: List[dict], path: str) -> None:
         for mode, color, label in (("fwd_bwd", "tab:blue", "fwd+bwd"), ("fwd", "tab:orange", "fwd (no grad)")):
             ax2.plot(ks, [r[f"{mode}_tok_s"] / 1e3 for r in fused], "o-", color=color, label=f"GroupLSTM {label}")
             ax2.axhline(base[f"{mode}_tok_s"] / 1e3, color=color, ls=":", lw=1, label=f"nn.LSTM {label}")
+            top = [r for r in rows if r["path"] == "products"]
+            if top:
+                ax2.plot([r["K"] for r in top], [r[f"{mode}_tok_s"] / 1e3 for r in top], "^:", color=color,
+                         alpha=0.6, label=f"products only (ceiling) {label}")
             old = [r for r in rows if r["path"] == "autograd"]
             if old:
                 ax2.plot([r["K"] for r in old], [r[f"{mode}_tok_s"] / 1e3 for r in old], "x--", color=color,
@@ -173,6 +244,9 @@ def main(argv=None) -> List[dict]:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-autograd", action="store_true", help="skip the plain autograd path")
+    parser.add_argument(
+        "--no-ceiling", action="store_true", help="skip the products-only rows (the fused path's ceiling)"
+    )
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--png", help="draw the figure here")
     args = parser.parse_args(argv)
@@ -180,7 +254,10 @@ def main(argv=None) -> List[dict]:
     torch.manual_seed(0)
     results = []
     for H in args.hidden:
-        rows = bench_hidden(H, args.groups, args.seq_len, args.batch, args.repeats, args.warmup, device, not args.no_autograd)
+        rows = bench_hidden(
+            H, args.groups, args.seq_len, args.batch, args.repeats, args.warmup, device, not args.no_autograd,
+            not args.no_ceiling,
+        )
         print_table(rows, args.seq_len, args.batch, device)
         results.extend(rows)
     meta = {

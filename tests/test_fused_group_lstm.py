@@ -196,3 +196,50 @@ def test_cuda_matches_cpu(fused_mode, K):
     module_cuda = module.cuda()
     gpu = outputs_and_grads(run_module, module_cuda, x.cuda(), tuple(v.cuda() for v in hx), lengths.cuda())
     assert_close([v.cpu() for v in gpu], cpu, 1e-10)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("step_mkldnn", [False, True])
+def test_mkldnn_products_match_bmm(fused_mode, monkeypatch, K, step_mkldnn):
+    """float32 on CPU: oneDNN's linear for the large products (and, from a group size on, the per-step ones)
+    against the bmm path, with padding, recurrent dropout and the shuffle."""
+    from grnn_fairseq.modules import fused_group_lstm as fgl
+
+    if not fgl.set_mkldnn(True):
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(fgl, "STEP_MKLDNN_MIN_GROUP_SIZE", 1 if step_mkldnn else 10**9)
+    module, x, hx = make_case(K, torch.float32, True, True, True)
+    module.recurrent_dropout = 0.2
+    module.train()
+    lengths = torch.tensor([5, 2, 4])
+    results = []
+    for enabled in (True, False):
+        fgl.set_mkldnn(enabled)
+        torch.manual_seed(3)
+        results.append(outputs_and_grads(run_module, module, x, hx, lengths))
+    fgl.set_mkldnn(True)
+    assert_close(results[0], results[1], 1e-5)
+
+
+def test_workspace_buffers_are_not_shared_between_live_graphs(fused_mode):
+    """Two forward passes alive at once, their backward passes in reverse order: the pooled buffers of the
+    first graph must survive the second call, and return to the pool when the graphs die."""
+    from grnn_fairseq.modules import fused_group_lstm as fgl
+
+    module, x, hx = make_case(2, torch.float64, False, True, True)
+    inputs = [x, 2 * x]
+    weights = [torch.randn(x.size(0), x.size(1), H, dtype=x.dtype) for _ in inputs]
+
+    def grads(fused):
+        fused_mode(fused)
+        xs = [v.clone().requires_grad_(True) for v in inputs]
+        ys = [module(v, hx)[0] for v in xs]  # both graphs alive
+        for y, w in reversed(list(zip(ys, weights))):
+            (y * w).sum().backward()
+        return [v.grad for v in xs]
+
+    want = grads(False)
+    fgl._WORKSPACE.clear()
+    got = grads(True)
+    assert_close(got, want, 1e-10)
+    assert len(fgl._WORKSPACE.free) >= 2  # the graphs are gone: their saved slabs are back in the pool
