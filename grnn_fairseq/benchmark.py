@@ -74,24 +74,16 @@ def products_only_steps(H: int, K: int, x: torch.Tensor) -> Dict[str, Callable[[
     dg = torch.randn(K, T * B, G4, device=x.device)
     dr = torch.empty(K, B, Hk, device=x.device)
     step_mkldnn = fgl._step_mkldnn(xd, Hk)
-    lin = torch.ops.mkldnn._linear_pointwise if step_mkldnn else None
 
     def forward():
         gs = fgl._grouped_linear(xg, w_ih, bias)
         for t in range(T):
-            if step_mkldnn:
-                torch.stack([lin.binary(r[k], gs[k][t * B : (t + 1) * B], w_hh[k], None, "add") for k in range(K)], out=gbuf)
-            else:
-                torch.stack([g[t * B : (t + 1) * B] for g in gs], out=gbuf)
-                gbuf.baddbmm_(r, w_hh_t)
+            fgl._step_products(step_mkldnn, r, [g[t * B : (t + 1) * B] for g in gs], w_hh, w_hh_t, gbuf)
 
     def backward():
         for t in range(T):
             d = dg[:, t * B : (t + 1) * B]  # K x B x 4H/K
-            if step_mkldnn:
-                torch.stack([lin(d[k], w_hh_t[k], None, "none", [], "") for k in range(K)], out=dr)
-            else:
-                torch.bmm(d, w_hh, out=dr)
+            fgl._step_grad_products(step_mkldnn, d, w_hh, w_hh_t, dr)
         if fgl._use_mkldnn(xd):
             torch.cat(fgl._grouped_linear(dg, w_ih_t, None), dim=1)
         else:

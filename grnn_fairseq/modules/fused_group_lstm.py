@@ -3,14 +3,16 @@
 Same function as ``group_lstm_direction_autograd`` in ``group_lstm.py`` (Gao et al., NAACL 2018, equations 4
 and 5 with the channel shuffle of section 2.2 between time steps), organised for speed:
 
-* The input projections of all time steps are one bmm over the K groups, written into a gate buffer
-  ``K x T x B x 4H/K`` that the time loop then fills, step by step, with the activated gates (saved for
-  the backward pass, nothing else is recomputed).
+* The input projections of all time steps are one product per group (oneDNN's linear on float32 CPU, else
+  bmm); the time loop adds one recurrent product per step (``_step_products``) and, while the step's gates
+  are in cache, writes the gate derivatives the backward pass needs (nothing is recomputed there).
+* Large buffers come from ``_WORKSPACE``, a pool reused across calls; what forward saves returns to it when
+  the autograd node dies.
 * The channel shuffle costs nothing: step t writes h_t straight into the slot of the recurrent-input buffer
   ``R`` (``K x (T+1) x B x H/K``, group-major in shuffled order) through a strided view, so the next step's
   bmm reads shuffle(h_t) contiguously. The layer output is one strided copy of ``R`` after the loop.
 * The backward loop holds only what is sequential: per step a handful of pointwise ops on precomputed gate
-  derivatives and one bmm for the recurrent gradient. The weight gradients, the input gradient and the bias
+  derivatives and one product for the recurrent gradient (``_step_grad_products``). The weight gradients, the input gradient and the bias
   gradients are one bmm / sum each over all ``T*B`` rows after the loop.
 * Padding (right-padded ``lengths``, as ``step_mask`` makes) runs the recurrence over every step; the steps
   past a sequence's end are discarded: their outputs are zeroed, h_n and c_n are read at step ``len - 1``,
@@ -120,6 +122,26 @@ def _step_mkldnn(x: Tensor, Hk: int) -> bool:
     return _use_mkldnn(x) and Hk >= STEP_MKLDNN_MIN_GROUP_SIZE
 
 
+def _step_products(step_mkldnn: bool, r: Tensor, g_t: List[Tensor], w_hh_s: Tensor, w_hh_t: Optional[Tensor],
+                   gbuf: Tensor) -> Tensor:
+    """gbuf = g_t + r @ w: the pre-activations of one step. r: K x B x H/K, g_t: K tensors B x 4H/K (the input
+    projections of the step), w_hh_s: K x 4H/K x H/K, w_hh_t: its K x H/K x 4H/K transpose (bmm path only)."""
+    if step_mkldnn:  # K x (B x H/K @ H/K x 4H/K + B x 4H/K) -> K x B x 4H/K
+        linear_add = torch.ops.mkldnn._linear_pointwise.binary
+        return torch.stack([linear_add(r[k], g_t[k], w_hh_s[k], None, "add") for k in range(r.size(0))], out=gbuf)
+    torch.stack(g_t, out=gbuf)  # K x (B x 4H/K) -> K x B x 4H/K
+    return gbuf.baddbmm_(r, w_hh_t)  # K x B x H/K @ K x H/K x 4H/K -> K x B x 4H/K
+
+
+def _step_grad_products(step_mkldnn: bool, dg: Tensor, w_hh: Tensor, w_hh_T: Optional[Tensor], dr: Tensor) -> Tensor:
+    """dr = dg @ w_hh: the gradient of one step's recurrent input. dg: K x B x 4H/K, w_hh: K x 4H/K x H/K,
+    w_hh_T: its K x H/K x 4H/K transpose (oneDNN path only), dr: K x B x H/K."""
+    if step_mkldnn:  # K x (B x 4H/K @ 4H/K x H/K) -> K x B x H/K
+        lin = torch.ops.mkldnn._linear_pointwise
+        return torch.stack([lin(dg[k], w_hh_T[k], None, "none", [], "") for k in range(dg.size(0))], out=dr)
+    return torch.bmm(dg, w_hh, out=dr)  # K x B x 4H/K @ K x 4H/K x H/K -> K x B x H/K
+
+
 def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
     """Per group k: ``xg[k] @ w[k]^T + b[k]``. xg: K x N x In (rows may be strided), w: K x Out x In,
     b: K x Out or None. Returns K tensors N x Out (a list, never stacked: the copy would cost more than
@@ -210,10 +232,7 @@ def _forward(
     scale = scale.view(G4)  # 4H/K
     w_hh_s = w_hh * scale.view(1, G4, 1)  # K x 4H/K x H/K, g rows doubled
     step_mkldnn = _step_mkldnn(x, Hk)
-    if step_mkldnn:
-        linear_add = torch.ops.mkldnn._linear_pointwise.binary
-    else:
-        w_hh_t = w_hh_s.transpose(1, 2).contiguous()  # K x H/K x 4H/K
+    w_hh_t = None if step_mkldnn else w_hh_s.transpose(1, 2).contiguous()  # K x H/K x 4H/K
     bias = None if b_ih is None else (b_ih + b_hh) * scale  # K x 4H/K
     # input projections (bias included) of all time steps, one product per group
     xg = x.reshape(T * B, K, Ik).transpose(0, 1)  # T x B x I -> K x (T*B) x I/K
@@ -244,12 +263,7 @@ def _forward(
         r = R[:, t]  # K x B x H/K
         if rm is not None:
             r = torch.mul(r, rm, out=rin)
-        if step_mkldnn:  # K x (B x H/K @ H/K x 4H/K + B x 4H/K) -> K x B x 4H/K
-            torch.stack([linear_add(r[k], Gs[k][t], w_hh_s[k], None, "add") for k in range(K)], out=gbuf)
-        else:
-            torch.stack([g[t] for g in Gs], out=gbuf)  # K x (B x 4H/K) -> K x B x 4H/K
-            gbuf.baddbmm_(r, w_hh_t)  # K x B x H/K @ K x H/K x 4H/K -> K x B x 4H/K
-        gbuf.sigmoid_()
+        _step_products(step_mkldnn, r, [g[t] for g in Gs], w_hh_s, w_hh_t, gbuf).sigmoid_()
         i, f, g, o = gbuf.chunk(4, dim=-1)  # each K x B x H/K
         if save:
             q = torch.addcmul(gbuf, gbuf, gbuf, value=-1, out=Q[:, t])  # s (1 - s), all four gates
@@ -343,9 +357,7 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
 
         # the backward loop: DG[:, t] = d(pre-activation gates) of step t = Q[:, t] * (dc, dc, dc, dh)
         step_mkldnn = _step_mkldnn(x, Hk)
-        if step_mkldnn:
-            lin = torch.ops.mkldnn._linear_pointwise
-            w_hh_T = w_hh.transpose(1, 2).contiguous()  # K x H/K x 4H/K: linear's (out x in) layout
+        w_hh_T = w_hh.transpose(1, 2).contiguous() if step_mkldnn else None  # K x H/K x 4H/K: linear's (out x in)
         step = (K, B, Hk)
         scratch_slab, (DG, dc, dc_prev, dh, dr_buf) = _WORKSPACE.take([tuple(Q.shape), step, step, step, step], x)
         dc.zero_()
@@ -376,10 +388,7 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
             torch.mul(q[..., : 3 * Hk].view(ifg), dc.unsqueeze(2), out=dg[..., : 3 * Hk].view(ifg))  # i, f, g
             torch.mul(dc, F[:, t], out=dc_prev)  # dc_{t-1} = dc_t * f
             dc, dc_prev = dc_prev, dc
-            if step_mkldnn:  # K x (B x 4H/K @ 4H/K x H/K) -> K x B x H/K
-                dr = torch.stack([lin(dg[k], w_hh_T[k], None, "none", [], "") for k in range(K)], out=dr_buf)
-            else:
-                dr = torch.bmm(dg, w_hh, out=dr_buf)  # K x B x 4H/K @ K x 4H/K x H/K -> K x B x H/K
+            dr = _step_grad_products(step_mkldnn, dg, w_hh, w_hh_T, dr_buf)
             if rm is not None:
                 dr.mul_(rm)
         dh0 = x.new_zeros(K, B, Hk)
