@@ -64,7 +64,6 @@ def products_only_steps(H: int, K: int, x: torch.Tensor) -> Dict[str, Callable[[
     Hk, G4 = H // K, 4 * H // K
     w_ih = torch.randn(K, G4, I // K, device=x.device)
     w_hh = torch.randn(K, G4, Hk, device=x.device)
-    w_hh_t = w_hh.transpose(1, 2).contiguous()  # K x H/K x 4H/K
     w_ih_t = w_ih.transpose(1, 2).contiguous()  # K x I/K x 4H/K
     bias = torch.zeros(K, G4, device=x.device)
     xd = x.detach()
@@ -73,17 +72,17 @@ def products_only_steps(H: int, K: int, x: torch.Tensor) -> Dict[str, Callable[[
     gbuf = torch.empty(K, B, G4, device=x.device)
     dg = torch.randn(K, T * B, G4, device=x.device)
     dr = torch.empty(K, B, Hk, device=x.device)
-    step_mkldnn = fgl._step_mkldnn(xd, Hk)
 
-    def forward():
+    def forward(backward_weights=False):
         gs = fgl._grouped_linear(xg, w_ih, bias)
+        products = fgl._StepProducts(xd, w_hh, w_hh if backward_weights else None, B)  # weights prepared per call
         for t in range(T):
-            fgl._step_products(step_mkldnn, r, [g[t * B : (t + 1) * B] for g in gs], w_hh, w_hh_t, gbuf)
+            products.parts(r, [g[t * B : (t + 1) * B] for g in gs], gbuf)
+        return products
 
-    def backward():
+    def backward(products):
         for t in range(T):
-            d = dg[:, t * B : (t + 1) * B]  # K x B x 4H/K
-            fgl._step_grad_products(step_mkldnn, d, w_hh, w_hh_t, dr)
+            products.grad_parts(dg[:, t * B : (t + 1) * B], dr)  # K x B x 4H/K @ K x 4H/K x H/K
         if fgl._use_mkldnn(xd):
             torch.cat(fgl._grouped_linear(dg, w_ih_t, None), dim=1)
         else:
@@ -97,8 +96,7 @@ def products_only_steps(H: int, K: int, x: torch.Tensor) -> Dict[str, Callable[[
 
     def fwd_bwd():
         with torch.no_grad():
-            forward()
-            backward()
+            backward(forward(backward_weights=True))
 
     return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 

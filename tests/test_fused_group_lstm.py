@@ -243,3 +243,77 @@ def test_workspace_buffers_are_not_shared_between_live_graphs(fused_mode):
     got = grads(True)
     assert_close(got, want, 1e-10)
     assert len(fgl._WORKSPACE.free) >= 2  # the graphs are gone: their saved slabs are back in the pool
+
+
+KERNEL_CASES = list(itertools.product([1, 2, 4], [False, True], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("K,shuffle,padded,step_mkldnn", KERNEL_CASES)
+def test_c_kernel_matches_pytorch_step(fused_mode, monkeypatch, K, shuffle, padded, step_mkldnn):
+    """float32 on CPU: the C kernel's step (grnn_fairseq/csrc) against the same step in PyTorch operations, with
+    both product kernels, the shuffle, padding, recurrent dropout, and gradients from h_n/c_n only."""
+    from grnn_fairseq.modules import _kernel
+    from grnn_fairseq.modules import fused_group_lstm as fgl
+
+    if not _kernel.available():
+        pytest.skip("the C kernel is not built (setup.py builds it; a missing compiler leaves it out)")
+    monkeypatch.setattr(fgl, "STEP_MKLDNN_MIN_GROUP_SIZE", 1 if step_mkldnn else 10**9)
+    module, x, hx = make_case(K, torch.float32, True, shuffle, shuffle)
+    module.recurrent_dropout = 0.2
+    module.train()
+    lengths = torch.tensor([5, 2, 4]) if padded else None
+
+    def final_state_only(module, x, hx, lengths):  # no gradient reaches the outputs: d_out is None
+        y, (h, c) = module(x, hx, lengths=lengths)
+        return y.detach(), (h, c)
+
+    for run in (run_module, final_state_only):
+        results = []
+        for enabled in (True, False):
+            previous = _kernel.set_kernel(enabled)
+            torch.manual_seed(3)
+            results.append(outputs_and_grads(run, module, x, hx, lengths))
+            _kernel.set_kernel(previous)
+        assert_close(results[0], results[1], 2e-6)
+
+
+def test_c_kernel_is_used_and_keeps_nan(fused_mode, monkeypatch):
+    """The kernel runs every step of float32 CPU calls, forward and backward, and none of float64 ones; a NaN
+    input stays NaN (its exp clamps with comparisons, which keep NaN, so fairseq still sees a diverged loss)."""
+    from grnn_fairseq.modules import _kernel
+
+    if not _kernel.available():
+        pytest.skip("the C kernel is not built")
+    calls = {"forward_step": 0, "backward_step": 0}
+    for name in calls:
+        def counted(*args, _f=getattr(_kernel._KERNEL, name), _name=name):
+            calls[_name] += 1
+            return _f(*args)
+        monkeypatch.setattr(_kernel._KERNEL, name, counted)
+    module = GroupLSTM(8, 16, groups=2)
+    x = torch.randn(3, 2, 8, requires_grad=True)
+    module.double()(x.double())[0].sum().backward()
+    assert calls == {"forward_step": 0, "backward_step": 0}
+    module.float()(x)[0].sum().backward()
+    assert calls == {"forward_step": 3, "backward_step": 3}
+    x = x.detach()
+    x[1, 0, 0] = float("nan")
+    with torch.no_grad():
+        y, _ = module(x)
+    assert torch.isnan(y[1, 0, :8]).all() and not torch.isnan(y[1, 0, 8:]).any()  # group 0 reads channel 0
+    assert torch.isnan(y[2, 0]).all()  # the shuffle passed it to every group
+    assert not torch.isnan(y[:, 1]).any() and not torch.isnan(y[0]).any()
+
+
+def test_c_kernel_is_built_where_a_compiler_exists():
+    """setup.py builds the kernel as an optional extension: it may only be missing where no C compiler is (so
+    that a broken build cannot hide behind the skips above)."""
+    import shutil
+    import sysconfig
+
+    from grnn_fairseq.modules import _kernel
+
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}): the kernel is optional")
+    assert _kernel.available(), "the C kernel did not build or load: reinstall with pip install -e . and read its output"

@@ -4,16 +4,22 @@ Same function as ``group_lstm_direction_autograd`` in ``group_lstm.py`` (Gao et 
 and 5 with the channel shuffle of section 2.2 between time steps), organised for speed:
 
 * The input projections of all time steps are one product per group (oneDNN's linear on float32 CPU, else
-  bmm); the time loop adds one recurrent product per step (``_step_products``) and, while the step's gates
-  are in cache, writes the gate derivatives the backward pass needs (nothing is recomputed there).
+  bmm); the time loop adds one recurrent product per step (``_StepProducts``: one bmm over the groups, or
+  from H/K = ``STEP_MKLDNN_MIN_GROUP_SIZE`` on one oneDNN linear per group on weights packed once per call)
+  and, while the step's gates are in cache, writes the gate derivatives the backward pass needs (nothing is
+  recomputed there).
+* On float32 CPU tensors a step's pointwise work (gates, cell, shuffled write of h_t, gate derivatives; in
+  backward the gates' gradients) is one pass of the optional C kernel (``_kernel.py``,
+  ``grnn_fairseq/csrc/group_lstm_step.c``) instead of a dozen PyTorch operations; without it, or with
+  ``GRNN_KERNEL=0``, the same step runs in PyTorch operations (float64, CUDA and tests use that path too).
 * Large buffers come from ``_WORKSPACE``, a pool reused across calls; what forward saves returns to it when
   the autograd node dies.
 * The channel shuffle costs nothing: step t writes h_t straight into the slot of the recurrent-input buffer
-  ``R`` (``K x (T+1) x B x H/K``, group-major in shuffled order) through a strided view, so the next step's
-  bmm reads shuffle(h_t) contiguously. The layer output is one strided copy of ``R`` after the loop.
+  ``R`` (``K x (T+1) x B x H/K``, group-major in shuffled order) through a strided view (the C kernel writes
+  it there directly), so the next step's product reads shuffle(h_t) contiguously. The layer output is one strided copy of ``R`` after the loop.
 * The backward loop holds only what is sequential: per step a handful of pointwise ops on precomputed gate
-  derivatives and one product for the recurrent gradient (``_step_grad_products``). The weight gradients, the input gradient and the bias
-  gradients are one bmm / sum each over all ``T*B`` rows after the loop.
+  derivatives and one product for the recurrent gradient (``_StepProducts.backward``). The weight gradients,
+  the input gradient and the bias gradients are one bmm / sum each over all ``T*B`` rows after the loop.
 * Padding (right-padded ``lengths``, as ``step_mask`` makes) runs the recurrence over every step; the steps
   past a sequence's end are discarded: their outputs are zeroed, h_n and c_n are read at step ``len - 1``,
   and in the backward pass their gradients are exactly zero, so they do not leak into the real steps.
@@ -33,6 +39,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from . import _kernel
 
 
 def fused_supported(
@@ -122,24 +130,60 @@ def _step_mkldnn(x: Tensor, Hk: int) -> bool:
     return _use_mkldnn(x) and Hk >= STEP_MKLDNN_MIN_GROUP_SIZE
 
 
-def _step_products(step_mkldnn: bool, r: Tensor, g_t: List[Tensor], w_hh_s: Tensor, w_hh_t: Optional[Tensor],
-                   gbuf: Tensor) -> Tensor:
-    """gbuf = g_t + r @ w: the pre-activations of one step. r: K x B x H/K, g_t: K tensors B x 4H/K (the input
-    projections of the step), w_hh_s: K x 4H/K x H/K, w_hh_t: its K x H/K x 4H/K transpose (bmm path only)."""
-    if step_mkldnn:  # K x (B x H/K @ H/K x 4H/K + B x 4H/K) -> K x B x 4H/K
-        linear_add = torch.ops.mkldnn._linear_pointwise.binary
-        return torch.stack([linear_add(r[k], g_t[k], w_hh_s[k], None, "add") for k in range(r.size(0))], out=gbuf)
-    torch.stack(g_t, out=gbuf)  # K x (B x 4H/K) -> K x B x 4H/K
-    return gbuf.baddbmm_(r, w_hh_t)  # K x B x H/K @ K x H/K x 4H/K -> K x B x 4H/K
+class _StepProducts:
+    """The per-step products of one call with weights prepared once: forward ``g_t + r @ W_hh^T`` and backward
+    ``dg @ W_hh``, either one bmm over the groups or one oneDNN linear per group on weights packed once into
+    oneDNN's blocked layout (repacking a weight on every step costs as much as a fifth of the product).
 
+    x: the layer input (decides the kernels). w_hh: K x 4H/K x H/K, the forward weight (g rows doubled for
+    the sigmoid trick), or None in the backward pass; w_hh_grad: the unscaled K x 4H/K x H/K weight of the
+    backward product, or None in the forward pass. B: the batch (oneDNN's hint for its layout).
+    """
 
-def _step_grad_products(step_mkldnn: bool, dg: Tensor, w_hh: Tensor, w_hh_T: Optional[Tensor], dr: Tensor) -> Tensor:
-    """dr = dg @ w_hh: the gradient of one step's recurrent input. dg: K x B x 4H/K, w_hh: K x 4H/K x H/K,
-    w_hh_T: its K x H/K x 4H/K transpose (oneDNN path only), dr: K x B x H/K."""
-    if step_mkldnn:  # K x (B x 4H/K @ 4H/K x H/K) -> K x B x H/K
-        lin = torch.ops.mkldnn._linear_pointwise
-        return torch.stack([lin(dg[k], w_hh_T[k], None, "none", [], "") for k in range(dg.size(0))], out=dr)
-    return torch.bmm(dg, w_hh, out=dr)  # K x B x 4H/K @ K x 4H/K x H/K -> K x B x H/K
+    def __init__(self, x: Tensor, w_hh: Optional[Tensor], w_hh_grad: Optional[Tensor], B: int):
+        K, G4, Hk = (w_hh if w_hh is not None else w_hh_grad).size()
+        self.K = K
+        self.mkldnn = _step_mkldnn(x, Hk)
+        self.w = self.w_t = self.w_grad = None
+        if self.mkldnn:
+            pack = torch.ops.mkldnn._reorder_linear_weight
+            if w_hh is not None:
+                self.w = [pack(w, B) for w in w_hh.unbind(0)]  # K x (4H/K x H/K), oneDNN layout
+            if w_hh_grad is not None:  # dr = dg @ W_hh = linear(dg, W_hh^T): K x (H/K x 4H/K), oneDNN layout
+                self.w_grad = [pack(w.t().contiguous(), B) for w in w_hh_grad.unbind(0)]
+        else:
+            if w_hh is not None:
+                self.w_t = w_hh.transpose(1, 2).contiguous()  # K x H/K x 4H/K
+            self.w_grad = w_hh_grad  # K x 4H/K x H/K
+
+    def forward(self, r: Tensor, g_t: List[Tensor], gbuf: Tensor) -> Tensor:
+        """gbuf = g_t + r @ W_hh^T: the step's pre-activations. r: K x B x H/K, g_t: K tensors B x 4H/K (the
+        input projections of the step), gbuf: K x B x 4H/K."""
+        if self.mkldnn:  # K x (B x 4H/K) -> K x B x 4H/K
+            return torch.stack(self.parts(r, g_t, gbuf)[0], out=gbuf)
+        torch.stack(g_t, out=gbuf)  # K x (B x 4H/K) -> K x B x 4H/K
+        return gbuf.baddbmm_(r, self.w_t)  # K x B x H/K @ K x H/K x 4H/K -> K x B x 4H/K
+
+    def parts(self, r: Tensor, g_t: List[Tensor], gbuf: Tensor) -> Tuple[List[Tensor], Optional[List[Tensor]]]:
+        """The pre-activations unstacked, for the C kernel: (z, x) with ``z[k] + x[k] = g_t[k] + r[k] @ W_hh[k]^T``,
+        K tensors B x 4H/K each; x is None when z already holds the input projections (oneDNN adds them)."""
+        if self.mkldnn:  # K x (B x H/K @ H/K x 4H/K + B x 4H/K)
+            linear_add = torch.ops.mkldnn._linear_pointwise.binary
+            return [linear_add(r[k], g_t[k], self.w[k], None, "add") for k in range(self.K)], None
+        return torch.bmm(r, self.w_t, out=gbuf).unbind(0), g_t  # K x B x H/K @ K x H/K x 4H/K -> K x B x 4H/K
+
+    def backward(self, dg: Tensor, dr: Tensor) -> Tensor:
+        """dr = dg @ W_hh: the gradient of one step's recurrent input. dg: K x B x 4H/K, dr: K x B x H/K."""
+        if self.mkldnn:  # K x (B x H/K) -> K x B x H/K
+            return torch.stack(self.grad_parts(dg, dr), out=dr)
+        return torch.bmm(dg, self.w_grad, out=dr)  # K x B x 4H/K @ K x 4H/K x H/K -> K x B x H/K
+
+    def grad_parts(self, dg: Tensor, dr: Tensor) -> List[Tensor]:
+        """``backward`` unstacked, for the C kernel: K tensors B x H/K (views of dr on the bmm path)."""
+        if self.mkldnn:  # K x (B x 4H/K @ 4H/K x H/K)
+            lin = torch.ops.mkldnn._linear_pointwise
+            return [lin(dg[k], self.w_grad[k], None, "none", [], "") for k in range(self.K)]
+        return torch.bmm(dg, self.w_grad, out=dr).unbind(0)  # K x B x 4H/K @ K x 4H/K x H/K -> K x (B x H/K)
 
 
 def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
@@ -230,15 +274,12 @@ def _forward(
     scale = x.new_ones(4, Hk)
     scale[2] = 2
     scale = scale.view(G4)  # 4H/K
-    w_hh_s = w_hh * scale.view(1, G4, 1)  # K x 4H/K x H/K, g rows doubled
-    step_mkldnn = _step_mkldnn(x, Hk)
-    w_hh_t = None if step_mkldnn else w_hh_s.transpose(1, 2).contiguous()  # K x H/K x 4H/K
+    products = _StepProducts(x, w_hh * scale.view(1, G4, 1), None, B)  # K x 4H/K x H/K, g rows doubled
     bias = None if b_ih is None else (b_ih + b_hh) * scale  # K x 4H/K
     # input projections (bias included) of all time steps, one product per group
     xg = x.reshape(T * B, K, Ik).transpose(0, 1)  # T x B x I -> K x (T*B) x I/K
     Gs = [g.view(T, B, G4) for g in _grouped_linear(xg, w_ih * scale.view(1, G4, 1), bias)]  # K x (T x B x 4H/K)
 
-    # R[:, t] is the recurrent input of step t, shuffle(h_{t-1}), group-major: K x (T+1) x B x H/K
     # What backward needs (the "saved" slab; returned to the pool when the graph node dies), computed while
     # each step's gates are in cache: R[:, t] is the recurrent input of step t, shuffle(h_{t-1}), group-major;
     # Q holds the gate derivatives (d pre-activation = dc * Q for i, f, g and dh * Q for o);
@@ -259,11 +300,23 @@ def _forward(
         rm = x.new_empty(K, B, Hk)  # the dropout mask of h_{t-1} in r order
         _h_view(rm.unsqueeze(1), K, shuffle).squeeze(1).copy_(_h_split(rmask.view(B, K, Hk).transpose(0, 1), K, shuffle))
     s = (K, B, K, Hk // K) if shuffle else (K, B, 1, Hk)
+    kernel = _kernel.kernel_for(x)
     for t in range(T):
         r = R[:, t]  # K x B x H/K
         if rm is not None:
             r = torch.mul(r, rm, out=rin)
-        _step_products(step_mkldnn, r, [g[t] for g in Gs], w_hh_s, w_hh_t, gbuf).sigmoid_()
+        g_t = [g[t] for g in Gs]  # K x (B x 4H/K)
+        if kernel is not None:  # the step's pointwise work in one pass of the C kernel
+            z, x_add = products.parts(r, g_t, gbuf)  # K x (B x 4H/K) each
+            kernel.forward_step(
+                K, B, Hk, shuffle, _kernel.pointers(z), None if x_add is None else _kernel.pointers(x_add), 0, G4,
+                C[:, t].data_ptr(), C[:, t + 1].data_ptr(), C.stride(0), R[:, t + 1].data_ptr(), R.stride(0),
+                Q[:, t].data_ptr() if save else None, Q.stride(0) if save else 0,
+                QC[:, t].data_ptr() if save else None, F[:, t].data_ptr() if save else None,
+                QC.stride(0) if save else 0, tc.data_ptr(),
+            )
+            continue
+        products.forward(r, g_t, gbuf).sigmoid_()
         i, f, g, o = gbuf.chunk(4, dim=-1)  # each K x B x H/K
         if save:
             q = torch.addcmul(gbuf, gbuf, gbuf, value=-1, out=Q[:, t])  # s (1 - s), all four gates
@@ -356,13 +409,34 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
             ends = [torch.tensor(e, device=x.device) if e else None for e in by_length]
 
         # the backward loop: DG[:, t] = d(pre-activation gates) of step t = Q[:, t] * (dc, dc, dc, dh)
-        step_mkldnn = _step_mkldnn(x, Hk)
-        w_hh_T = w_hh.transpose(1, 2).contiguous() if step_mkldnn else None  # K x H/K x 4H/K: linear's (out x in)
+        products = _StepProducts(x, None, w_hh, B)
+        kernel = _kernel.kernel_for(x)
         step = (K, B, Hk)
         scratch_slab, (DG, dc, dc_prev, dh, dr_buf) = _WORKSPACE.take([tuple(Q.shape), step, step, step, step], x)
         dc.zero_()
-        dr = None  # the gradient of step t + 1's recurrent input, r order
+        dr = None  # the gradient of step t + 1's recurrent input, r order: K x B x H/K (a list of K with the kernel)
+        if kernel is not None and dy is not None:
+            d_out = d_out.contiguous()  # T x B x H, read by the kernel as dy[k, t, b] = d_out[t, b, k*H/K:]
         for t in range(T - 1, -1, -1):
+            e = ends[t + 1]
+            if kernel is not None:  # the step's pointwise work in one pass of the C kernel
+                dh_add = None
+                if e is not None:
+                    if dhn is not None:
+                        # dc_prev (unused by the kernel) holds dh_n of the sequences ending here: K x B x H/K, h order
+                        dh_add = dc_prev.zero_().index_copy_(1, e, dhn.index_select(1, e))
+                    if dcn is not None:
+                        dc.index_add_(1, e, dcn.index_select(1, e))
+                kernel.backward_step(
+                    K, B, Hk, shuffle, None if dy is None else d_out[t].data_ptr(), Hk, H,
+                    None if dr is None else _kernel.pointers(dr), None if rm is None else rm.data_ptr(),
+                    None if dh_add is None else dh_add.data_ptr(), Q[:, t].data_ptr(), Q.stride(0),
+                    QC[:, t].data_ptr(), F[:, t].data_ptr(), QC.stride(0), dc.data_ptr(), DG[:, t].data_ptr(),
+                    DG.stride(0), dh.data_ptr(),
+                )
+                # the kernel multiplies dr by rm as it reads it at the next step (below for dh0)
+                dr = products.grad_parts(DG[:, t], dr_buf)  # K x (B x H/K)
+                continue
             # dh_t = d out_t + unshuffle(dr_{t+1})
             if dr is None:
                 if dy is None:
@@ -375,7 +449,6 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
                     dh.view(s).copy_(carry)
                 else:
                     torch.add(dy[:, t].view(s), carry, out=dh.view(s))
-            e = ends[t + 1]
             if e is not None:
                 if dhn is not None:
                     dh.index_add_(1, e, dhn.index_select(1, e))
@@ -388,7 +461,13 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
             torch.mul(q[..., : 3 * Hk].view(ifg), dc.unsqueeze(2), out=dg[..., : 3 * Hk].view(ifg))  # i, f, g
             torch.mul(dc, F[:, t], out=dc_prev)  # dc_{t-1} = dc_t * f
             dc, dc_prev = dc_prev, dc
-            dr = _step_grad_products(step_mkldnn, dg, w_hh, w_hh_T, dr_buf)
+            dr = products.backward(dg, dr_buf)
+            if rm is not None:
+                dr.mul_(rm)
+        if kernel is not None and dr is not None:
+            if products.mkldnn:
+                torch.stack(dr, out=dr_buf)  # K x (B x H/K) -> K x B x H/K
+            dr = dr_buf
             if rm is not None:
                 dr.mul_(rm)
         dh0 = x.new_zeros(K, B, Hk)
