@@ -21,6 +21,7 @@ from fairseq.modules import AdaptiveSoftmax
 from torch import Tensor
 
 from grnn_fairseq.modules import GroupLSTM
+from grnn_fairseq.modules.linear import Linear, linear
 
 DEFAULT_MAX_TARGET_POSITIONS = 100000
 
@@ -164,13 +165,13 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
             recurrent_dropout=dropout if variational_dropout else 0.0,
         )
         # H -> out_embed_dim only where the sizes differ (e.g. tied embeddings smaller than H)
-        self.project_out = nn.Linear(hidden_size, out_embed_dim) if hidden_size != out_embed_dim else None
+        self.project_out = Linear(hidden_size, out_embed_dim) if hidden_size != out_embed_dim else None
         self.adaptive_softmax = None
         self.fc_out = None
         if adaptive_softmax_cutoff is not None:
             self.adaptive_softmax = AdaptiveSoftmax(num_embeddings, out_embed_dim, adaptive_softmax_cutoff, dropout=dropout_out)
         elif not share_input_output_embed:
-            self.fc_out = nn.Linear(out_embed_dim, num_embeddings)
+            self.fc_out = Linear(out_embed_dim, num_embeddings)
 
     def forward(
         self,
@@ -205,7 +206,7 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
         if self.adaptive_softmax is not None:  # the criterion applies it
             return x
         if self.share_input_output_embed:
-            return F.linear(x, self.embed_tokens.weight)
+            return linear(x, self.embed_tokens.weight)
         return self.fc_out(x)
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):

@@ -46,6 +46,7 @@ from fairseq.models import (
 from fairseq.modules import FairseqDropout
 
 from grnn_fairseq.modules import GroupLSTM, GroupLSTMCell, channel_shuffle
+from grnn_fairseq.modules.linear import Linear
 
 DEFAULT_MAX_POSITIONS = 1024  # the translation task's own default for --max-source/target-positions
 ATTENTION_TYPES = ("bahdanau", "luong")
@@ -154,9 +155,9 @@ class BahdanauAttention(nn.Module):
 
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int):
         super().__init__()
-        self.key_proj = nn.Linear(key_dim, attention_dim, bias=False)
-        self.query_proj = nn.Linear(query_dim, attention_dim, bias=True)
-        self.v = nn.Linear(attention_dim, 1, bias=False)
+        self.key_proj = Linear(key_dim, attention_dim, bias=False)
+        self.query_proj = Linear(query_dim, attention_dim, bias=True)
+        self.v = nn.Linear(attention_dim, 1, bias=False)  # a dot product per key: nothing for oneDNN to gain
 
     def project_keys(self, keys: Tensor) -> Tensor:
         """keys S x B x C -> S x B x A; computed once per sentence and cached while decoding."""
@@ -172,7 +173,7 @@ class LuongAttention(nn.Module):
 
     def __init__(self, query_dim: int, key_dim: int):
         super().__init__()
-        self.key_proj = nn.Linear(key_dim, query_dim, bias=False)
+        self.key_proj = Linear(key_dim, query_dim, bias=False)
 
     def project_keys(self, keys: Tensor) -> Tensor:
         """keys S x B x C -> W k, S x B x Q."""
@@ -237,13 +238,13 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         self.dropout_module = FairseqDropout(dropout, module_name=self.__class__.__name__)
         self.dropout_out_module = FairseqDropout(dropout_out, module_name=self.__class__.__name__)
 
-        self.init_proj = nn.Linear(encoder_output_units, H1)  # s_0 = tanh(W_init mean_j h_j)
+        self.init_proj = Linear(encoder_output_units, H1)  # s_0 = tanh(W_init mean_j h_j)
         self.first_layer = GroupLSTMCell(E + H1, H1, groups=first_layer_groups, shuffle_time=shuffle_time)
         if attention_type == "bahdanau":
             self.attention = BahdanauAttention(H1, encoder_output_units, H1)
         else:
             self.attention = LuongAttention(H1, encoder_output_units)
-        self.attention_out = nn.Linear(H1 + encoder_output_units, H1, bias=False)  # a_t = tanh(W_o [s_t; c_t])
+        self.attention_out = Linear(H1 + encoder_output_units, H1, bias=False)  # a_t = tanh(W_o [s_t; c_t])
         self.upper = (
             GroupLSTM(
                 H1,
@@ -258,12 +259,12 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
             else None
         )
         top = hidden_size if num_layers > 1 else H1
-        self.out_proj = nn.Linear(top, out_embed_dim) if out_embed_dim != top else None
+        self.out_proj = Linear(top, out_embed_dim) if out_embed_dim != top else None
         if share_input_output_embed:
-            self.output_projection = nn.Linear(E, len(dictionary), bias=False)
+            self.output_projection = Linear(E, len(dictionary), bias=False)
             self.output_projection.weight = embed_tokens.weight
         else:
-            self.output_projection = nn.Linear(out_embed_dim, len(dictionary), bias=False)
+            self.output_projection = Linear(out_embed_dim, len(dictionary), bias=False)
 
     def forward(
         self,

@@ -31,7 +31,6 @@ dispatch in ``group_lstm.py`` uses the autograd path instead): other masks, shuf
 """
 
 import math
-import os
 import threading
 import weakref
 from typing import List, Optional, Tuple
@@ -41,6 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _kernel
+from .linear import onednn_mm, set_mkldnn, use_mkldnn  # noqa: F401  (set_mkldnn: this module's switch too)
 
 
 def fused_supported(
@@ -101,24 +101,9 @@ def _tanh(src: Tensor, out: Tensor) -> Tensor:
     return out.mul_(2).sub_(1)
 
 
-# oneDNN's linear (the kernel behind nn.Linear's CPU inductor path) runs the large per-group products 1.3-1.6x
-# faster than MKL's bmm on this project's CPUs (AMD EPYC: MKL takes a slow path there); float32 CPU only.
-_MKLDNN = (
-    os.environ.get("GRNN_MKLDNN", "1") != "0"
-    and torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-)
-
-
-def set_mkldnn(enabled: bool) -> bool:
-    """Use oneDNN's linear for the large products on float32 CPU tensors (else bmm); returns the previous setting."""
-    global _MKLDNN
-    previous, _MKLDNN = _MKLDNN, bool(enabled) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    return previous
-
-
-def _use_mkldnn(x: Tensor) -> bool:
-    return _MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32
+# oneDNN's linear runs the large per-group products 1.3-1.6x faster than MKL's bmm on this project's CPUs (AMD
+# EPYC: MKL takes a slow path there); float32 CPU only, switched with linear.set_mkldnn / GRNN_MKLDNN=0.
+_use_mkldnn = use_mkldnn
 
 
 # The per-step recurrent products go through oneDNN, one group at a time, from this group size on: measured
@@ -181,8 +166,7 @@ class _StepProducts:
     def grad_parts(self, dg: Tensor, dr: Tensor) -> List[Tensor]:
         """``backward`` unstacked, for the C kernel: K tensors B x H/K (views of dr on the bmm path)."""
         if self.mkldnn:  # K x (B x 4H/K @ 4H/K x H/K)
-            lin = torch.ops.mkldnn._linear_pointwise
-            return [lin(dg[k], self.w_grad[k], None, "none", [], "") for k in range(self.K)]
+            return [onednn_mm(dg[k], self.w_grad[k]) for k in range(self.K)]
         return torch.bmm(dg, self.w_grad, out=dr).unbind(0)  # K x B x 4H/K @ K x 4H/K x H/K -> K x (B x H/K)
 
 
@@ -191,8 +175,7 @@ def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
     b: K x Out or None. Returns K tensors N x Out (a list, never stacked: the copy would cost more than
     oneDNN gains)."""
     if _use_mkldnn(xg):
-        lin = torch.ops.mkldnn._linear_pointwise
-        return [lin(xg[k], w[k], None if b is None else b[k], "none", [], "") for k in range(xg.size(0))]
+        return [onednn_mm(xg[k], w[k], None if b is None else b[k]) for k in range(xg.size(0))]
     if b is None:
         out = torch.bmm(xg, w.transpose(1, 2))  # K x N x In @ K x In x Out -> K x N x Out
     else:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused_group_lstm import fused_group_lstm_direction, fused_supported
+from .linear import grouped_linear
 
 
 def check_divisible(size: int, groups: int, what: str) -> None:
@@ -83,14 +84,14 @@ def step_mask(lengths: Optional[Tensor], T: int, device) -> Optional[Tensor]:
 
 
 def group_lstm_step(
-    gx: Tensor, h: Tensor, c: Tensor, w_hh_t: Tensor, groups: int, perm: Optional[Tensor]
+    gx: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, groups: int, perm: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
     """One time step of a group LSTM layer (batched over groups).
 
     gx: K x B x 4H/K, the input projection plus biases of this step.
     h: B x H, the previous hidden state (plain concatenation of the groups).
     c: K x B x H/K, the previous cell state in group-major layout.
-    w_hh_t: K x H/K x 4H/K, the recurrent weights transposed.
+    w_hh: K x 4H/K x H/K, the recurrent weights.
     perm: the shuffle permutation of h (shuffle_time) or None.
     Returns h' (B x H) and c' (K x B x H/K).
     """
@@ -98,7 +99,7 @@ def group_lstm_step(
     B, H = h.size()
     r = h if perm is None else h.index_select(1, perm)  # B x H, shuffle(h_{t-1})
     r = r.view(B, K, H // K).transpose(0, 1)  # B x H -> K x B x H/K
-    gates = torch.baddbmm(gx, r, w_hh_t)  # K x B x 4H/K
+    gates = gx + grouped_linear(r, w_hh)  # K x B x H/K @ K x H/K x 4H/K -> K x B x 4H/K
     i, f, g, o = gates.chunk(4, dim=-1)  # each K x B x H/K
     c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h_new = torch.sigmoid(o) * torch.tanh(c_new)  # K x B x H/K
@@ -185,13 +186,12 @@ def group_lstm_direction_autograd(
     else:
         gx = torch.bmm(xg, w_ih.transpose(1, 2))  # K x (T*B) x 4H/K
     gx = gx.view(K, T, B, G4)  # K x (T*B) x 4H/K -> K x T x B x 4H/K
-    w_hh_t = w_hh.transpose(1, 2)  # K x H/K x 4H/K
     perm = shuffle_permutation(H, K, x.device) if (shuffle_time and K > 1) else None
     c = to_group_major(c, K)  # B x H -> K x B x H/K
     outputs: List[Tensor] = []
     for t in range(T):
         h_in = h if recurrent_mask is None else h * recurrent_mask
-        h_new, c_new = group_lstm_step(gx[:, t], h_in, c, w_hh_t, K, perm)
+        h_new, c_new = group_lstm_step(gx[:, t], h_in, c, w_hh, K, perm)
         if mask is not None:
             m = mask[t]  # B x 1
             outputs.append(h_new * m)
@@ -484,12 +484,10 @@ class GroupLSTMCell(nn.Module):
             hx = (zeros, zeros)
         h, c = hx
         xg = input.view(B, K, C // K).transpose(0, 1)  # B x C -> K x B x C/K
-        if self.bias_ih is not None:
-            gx = torch.baddbmm((self.bias_ih + self.bias_hh).unsqueeze(1), xg, self.weight_ih.transpose(1, 2))
-        else:
-            gx = torch.bmm(xg, self.weight_ih.transpose(1, 2))  # K x B x 4H/K
+        bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh  # K x 4H/K
+        gx = grouped_linear(xg, self.weight_ih, bias)  # K x B x C/K @ K x C/K x 4H/K -> K x B x 4H/K
         perm = shuffle_permutation(H, K, input.device) if (self.shuffle_time and K > 1) else None
-        h_new, c_new = group_lstm_step(gx, h, to_group_major(c, K), self.weight_hh.transpose(1, 2), K, perm)
+        h_new, c_new = group_lstm_step(gx, h, to_group_major(c, K), self.weight_hh, K, perm)
         return h_new, from_group_major(c_new)
 
 

@@ -1,0 +1,80 @@
+"""grnn_fairseq.modules.linear: oneDNN linears against F.linear / bmm, outputs and every gradient."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from grnn_fairseq.modules import linear as lin_mod
+from grnn_fairseq.modules.linear import Linear, grouped_linear, linear
+
+
+@pytest.fixture
+def onednn():
+    previous = lin_mod.set_mkldnn(True)
+    if not lin_mod.use_mkldnn(torch.zeros(1)):
+        pytest.skip("this torch has no oneDNN linear")
+    yield
+    lin_mod.set_mkldnn(previous)
+
+
+def grads(fn, x, w, b):
+    x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    b = None if b is None else b.clone().requires_grad_(True)
+    y = fn(x, w, b)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return [y, x.grad, w.grad] + ([] if b is None else [b.grad])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12), (0, 12)])
+def test_linear_matches_f_linear(onednn, bias, shape):
+    torch.manual_seed(0)
+    x, w = torch.randn(*shape), torch.randn(9, 12)
+    b = torch.randn(9) if bias else None
+    got, want = grads(linear, x, w, b), grads(F.linear, x, w, b)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and torch.allclose(a, e, atol=1e-5), (a - e).abs().max()
+
+
+def test_linear_on_strided_input_and_its_path(onednn, monkeypatch):
+    """A transposed (non-contiguous) input; float32 CPU takes the oneDNN Function, float64 takes F.linear."""
+    calls = []
+    monkeypatch.setattr(lin_mod._OneDNNLinear, "apply", lambda *a: calls.append(1) or F.linear(*a))
+    x = torch.randn(5, 4, 12).transpose(0, 1)
+    w = torch.randn(9, 12)
+    linear(x, w)
+    linear(x.double(), w.double())
+    assert calls == [1]
+    monkeypatch.undo()
+    assert torch.allclose(linear(x, w), F.linear(x, w), atol=1e-5)
+
+
+def test_linear_module_is_nn_linear(onednn):
+    torch.manual_seed(0)
+    a = Linear(6, 4)
+    torch.manual_seed(0)
+    b = nn.Linear(6, 4)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())  # same init too
+    x = torch.randn(3, 6)
+    assert torch.allclose(a(x), b(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_linear_matches_bmm(onednn, K, bias):
+    torch.manual_seed(0)
+    xg = torch.randn(8, K, 5).transpose(0, 1)  # K x N x In/K, strided rows as the models pass them
+    w = torch.randn(K, 4, 5)
+    b = torch.randn(K, 4) if bias else None
+
+    def reference(xg, w, b):
+        out = torch.bmm(xg, w.transpose(1, 2))
+        return out if b is None else out + b.unsqueeze(1)
+
+    for a, e in zip(grads(grouped_linear, xg, w, b), grads(reference, xg, w, b)):
+        assert torch.allclose(a, e, atol=1e-5), (a - e).abs().max()
+    lin_mod.set_mkldnn(False)  # the bmm fallback is the same function
+    for a, e in zip(grads(grouped_linear, xg, w, b), grads(reference, xg, w, b)):
+        assert torch.allclose(a, e, atol=1e-6)
