@@ -46,6 +46,7 @@ from fairseq.models import (
 from fairseq.modules import FairseqDropout
 
 from grnn_fairseq.modules import GroupLSTM, GroupLSTMCell, channel_shuffle
+from grnn_fairseq.modules.activations import tanh
 from grnn_fairseq.modules.linear import Linear
 
 DEFAULT_MAX_POSITIONS = 1024  # the translation task's own default for --max-source/target-positions
@@ -165,7 +166,7 @@ class BahdanauAttention(nn.Module):
 
     def scores(self, query: Tensor, projected_keys: Tensor) -> Tensor:
         """query B x Q, projected keys S x B x A -> S x B."""
-        return self.v(torch.tanh(projected_keys + self.query_proj(query).unsqueeze(0))).squeeze(-1)
+        return self.v(tanh(projected_keys + self.query_proj(query).unsqueeze(0))).squeeze(-1)
 
 
 class LuongAttention(nn.Module):
@@ -285,7 +286,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         zeros = enc.new_zeros(B, self.first_layer_hidden_size)
         upper_zeros = enc.new_zeros(self.num_upper_layers, B, self.hidden_size)  # L-1 x B x H (0 x B x H if none)
         return {
-            "first_h": torch.tanh(self.init_proj(mean)),  # B x H1
+            "first_h": tanh(self.init_proj(mean)),  # B x H1
             "first_c": zeros,  # B x H1
             "input_feed": zeros,  # B x H1, a_0
             "upper_h": upper_zeros,
@@ -318,7 +319,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         for t in range(T):
             h, c = self.first_layer(torch.cat([emb[t], feed], dim=1), (h, c))  # B x H1
             context, weights = attend(self.attention.scores(h, keys), enc, pad)  # B x C, S x B
-            feed = torch.tanh(self.attention_out(torch.cat([h, context], dim=1)))  # a_t: B x H1
+            feed = tanh(self.attention_out(torch.cat([h, context], dim=1)))  # a_t: B x H1
             outputs.append(feed)
             attn.append(weights)
         x = torch.stack(outputs, 0)  # T x B x H1

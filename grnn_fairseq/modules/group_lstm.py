@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused_group_lstm import fused_group_lstm_direction, fused_supported
+from .activations import tanh
 from .linear import grouped_linear
 
 
@@ -101,8 +102,8 @@ def group_lstm_step(
     r = r.view(B, K, H // K).transpose(0, 1)  # B x H -> K x B x H/K
     gates = gx + grouped_linear(r, w_hh)  # K x B x H/K @ K x H/K x 4H/K -> K x B x 4H/K
     i, f, g, o = gates.chunk(4, dim=-1)  # each K x B x H/K
-    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h_new = torch.sigmoid(o) * torch.tanh(c_new)  # K x B x H/K
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * tanh(g)
+    h_new = torch.sigmoid(o) * tanh(c_new)  # K x B x H/K
     h_new = h_new.transpose(0, 1).reshape(B, H)  # K x B x H/K -> B x H
     return h_new, c_new
 
