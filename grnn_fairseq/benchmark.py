@@ -87,8 +87,8 @@ def products_only_steps(H: int, K: int, x: torch.Tensor) -> Dict[str, Callable[[
             torch.cat(fgl._grouped_linear(dg, w_ih_t, None), dim=1)
         else:
             torch.bmm(dg, w_ih)
-        torch.bmm(dg.transpose(1, 2), xg)  # d w_ih
-        torch.bmm(dg.transpose(1, 2), dg[..., :Hk])  # d w_hh (a T*B x H/K operand of the right shape)
+        fgl._grouped_weight_grad(dg, xg)  # d w_ih
+        fgl._grouped_weight_grad(dg, dg[..., :Hk])  # d w_hh (a T*B x H/K operand of the right shape)
 
     def fwd():
         with torch.no_grad():

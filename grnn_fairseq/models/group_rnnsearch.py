@@ -47,7 +47,7 @@ from fairseq.modules import FairseqDropout
 
 from grnn_fairseq.modules import GroupLSTM, GroupLSTMCell, channel_shuffle
 from grnn_fairseq.modules.activations import tanh
-from grnn_fairseq.modules.linear import Linear
+from grnn_fairseq.modules.linear import Linear, reuse_packed_weights
 
 DEFAULT_MAX_POSITIONS = 1024  # the translation task's own default for --max-source/target-positions
 ATTENTION_TYPES = ("bahdanau", "luong")
@@ -316,12 +316,13 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         keys = state["projected_keys"]
         outputs: List[Tensor] = []
         attn: List[Tensor] = []
-        for t in range(T):
-            h, c = self.first_layer(torch.cat([emb[t], feed], dim=1), (h, c))  # B x H1
-            context, weights = attend(self.attention.scores(h, keys), enc, pad)  # B x C, S x B
-            feed = tanh(self.attention_out(torch.cat([h, context], dim=1)))  # a_t: B x H1
-            outputs.append(feed)
-            attn.append(weights)
+        with reuse_packed_weights():  # the loop applies the same weights T times: pack them once
+            for emb_t in emb.unbind(0):  # T x B x E -> T x (B x E), one autograd node
+                h, c = self.first_layer(torch.cat([emb_t, feed], dim=1), (h, c))  # B x H1
+                context, weights = attend(self.attention.scores(h, keys), enc, pad)  # B x C, S x B
+                feed = tanh(self.attention_out(torch.cat([h, context], dim=1)))  # a_t: B x H1
+                outputs.append(feed)
+                attn.append(weights)
         x = torch.stack(outputs, 0)  # T x B x H1
         upper_h, upper_c = state["upper_h"], state["upper_c"]
         if self.upper is not None:

@@ -41,7 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _kernel
 from .activations import tanh_into
-from .linear import onednn_mm, set_mkldnn, use_mkldnn  # noqa: F401  (set_mkldnn: this module's switch too)
+from .linear import onednn_mm, set_mkldnn, use_mkldnn, weight_grad  # noqa: F401  (set_mkldnn: this module's switch too)
 
 
 def fused_supported(
@@ -174,6 +174,14 @@ def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
     else:
         out = torch.baddbmm(b.unsqueeze(1), xg, w.transpose(1, 2))
     return list(out.unbind(0))
+
+
+def _grouped_weight_grad(dg: Tensor, xg: Tensor) -> Tensor:
+    """Per group k: ``dg[k]^T @ xg[k]``, the weight gradient over all rows. dg: K x N x Out, xg: K x N x In (rows
+    may be strided) -> K x Out x In. oneDNN per group on float32 CPU (``linear.weight_grad``), else one bmm."""
+    if _use_mkldnn(xg):
+        return torch.stack([weight_grad(d, v) for d, v in zip(dg.unbind(0), xg.unbind(0))])  # K x (Out x In)
+    return torch.bmm(dg.transpose(1, 2), xg)  # K x Out x N @ K x N x In -> K x Out x In
 
 
 class _Workspace:
@@ -468,12 +476,12 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
                 torch.bmm(DG, w_ih, out=dx.view(T * B, K, Ik).transpose(0, 1))  # K x (T*B) x I/K, into T x B x I
         if need[3]:
             xg = x.reshape(T * B, K, Ik).transpose(0, 1)  # T x B x I -> K x (T*B) x I/K
-            dw_ih = torch.bmm(DG.transpose(1, 2), xg)  # K x 4H/K x I/K
+            dw_ih = _grouped_weight_grad(DG, xg)  # K x 4H/K x I/K
         if need[4]:
             Rin = R[:, :T]
             if rm is not None:
                 Rin = Rin * rm.unsqueeze(1)
-            dw_hh = torch.bmm(DG.transpose(1, 2), Rin.reshape(K, T * B, Hk))  # K x 4H/K x H/K
+            dw_hh = _grouped_weight_grad(DG, Rin.reshape(K, T * B, Hk))  # K x 4H/K x H/K
         if ctx.has_bias and (need[5] or need[6]):
             db = DG.sum(1)  # K x 4H/K
         dh0 = dh0.transpose(0, 1).reshape(B, H) if need[1] else None  # K x B x H/K -> B x H
