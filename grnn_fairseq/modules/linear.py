@@ -129,17 +129,49 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def _stack(parts):
+    """K tensors -> one with a leading K dimension (a view for K = 1)."""
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+
+
+class _OneDNNGroupedLinear(torch.autograd.Function):
+    """Every group's linear on oneDNN, in one autograd node: forward ``out[k] = xg[k] W[k]^T + b[k]``, backward
+    ``dxg[k] = dout[k] W[k]`` and ``dW[k] = dout[k]^T xg[k]`` (one node, so no per-group stacking of gradients)."""
+
+    @staticmethod
+    def forward(ctx, xg: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        K, N, _ = xg.size()
+        ctx.save_for_backward(xg, weight)
+        ctx.has_bias = bias is not None
+        ws = weight.unbind(0)  # K x (Out/K x In/K)
+        ctx.weights_t = [packed_weight(w, True, N) for w in ws] if _SCOPE is not None and ctx.needs_input_grad[0] else None
+        bs = [None] * K if bias is None else bias.unbind(0)
+        return _stack([onednn_mm(xg[k], packed_weight(ws[k], False, N), bs[k]) for k in range(K)])  # K x N x Out/K
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor):
+        xg, weight = ctx.saved_tensors
+        K, N, _ = xg.size()
+        dxg = dw = db = None
+        if ctx.needs_input_grad[0]:
+            wts = ctx.weights_t or [packed_weight(w, True, N) for w in weight.unbind(0)]  # K x (In/K x Out/K)
+            dxg = _stack([onednn_mm(dout[k], wts[k]) for k in range(K)])  # K x N x Out/K @ Out/K x In/K
+        if ctx.needs_input_grad[1]:
+            dw = _stack([weight_grad(dout[k], xg[k]) for k in range(K)])  # K x Out/K x In/K
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dout.sum(1)  # K x Out/K
+        return dxg, dw, db
+
+
 def grouped_linear(xg: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Every group's own linear map, batched: ``out[k] = xg[k] @ weight[k]^T + bias[k]``.
 
     xg: K x N x In/K (rows may be strided), weight: K x Out/K x In/K, bias: K x Out/K or None.
-    Returns K x N x Out/K. One oneDNN linear per group on float32 CPU tensors, else one (b)addbmm.
+    Returns K x N x Out/K. oneDNN per group on float32 CPU tensors, else one (b)addbmm.
     """
     if use_mkldnn(xg) and weight.dtype == torch.float32 and xg.numel() > 0:
-        parts, ws = xg.unbind(0), weight.unbind(0)  # one autograd node each, not one select per group
-        bs = [None] * len(ws) if bias is None else bias.unbind(0)
-        outs = [linear(p, w, b) for p, w, b in zip(parts, ws, bs)]
-        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)  # K x (N x Out/K) -> K x N x Out/K
+        return _OneDNNGroupedLinear.apply(xg, weight, bias)
     if bias is None:
         return torch.bmm(xg, weight.transpose(1, 2))  # K x N x In/K @ K x In/K x Out/K -> K x N x Out/K
     return torch.baddbmm(bias.unsqueeze(1), xg, weight.transpose(1, 2))
