@@ -1,6 +1,10 @@
-"""LightRNN: the 2-component embedding, the factorized softmax, the table and its reallocation."""
+"""LightRNN (--lightrnn): the 2-component embedding, the factorized softmax, the table and its reallocation,
+the criterion, and train + reallocate + eval-lm + resume through the fairseq CLI."""
 
 import itertools
+import math
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from grnn_fairseq.modules.lightrnn import (
     reallocate,
     table_shape,
 )
+
+from conftest import USER_DIR, fairseq_cli, grammar_sentences
 
 
 def vocabulary(num_words=50, embed_dim=6, hidden_dim=5, num_rows=None, seed=1, tied=False, dtype=torch.float64):
@@ -255,3 +261,203 @@ def test_word_costs_sum_each_words_row_and_column_losses():
     # the cost of the current allocation is the (unmasked) negative log-likelihood of the counted words
     nll = -(row_lp.gather(-1, vocab.table.rows(target).unsqueeze(-1)) + col_lp.gather(-1, vocab.table.cols(target).unsqueeze(-1)))
     assert allocation_cost(row_cost, col_cost, vocab.table.word_cell) == pytest.approx(float(nll.squeeze(-1)[mask].sum()))
+
+
+# ---- the model, its flags and the criterion -----------------------------------------------------------------
+
+
+def build_lightrnn_lm(*flags, vocab=50, task="lightrnn_language_modeling"):
+    return tables.build("group_lstm_lm", ["--task", task, "--lightrnn", "--decoder-embed-dim", "16",
+                                          "--decoder-hidden-size", "16", *flags], vocab).eval()
+
+
+def test_lightrnn_lm_incremental_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    model = build_lightrnn_lm("--decoder-groups", "4", "--decoder-layers", "2")
+    tokens = torch.randint(4, 50, (3, 6))
+    full = model.get_normalized_probs(model(tokens), log_probs=True)  # B x T x V
+    assert full.shape == (3, 6, 50)
+    state = {}
+    for t in range(6):
+        step = model.decoder(tokens[:, : t + 1], incremental_state=state)
+        torch.testing.assert_close(model.get_normalized_probs(step, log_probs=True)[:, 0], full[:, t], rtol=0, atol=1e-5)
+    probs = model.get_normalized_probs(model(tokens), log_probs=False)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 6), rtol=0, atol=1e-5)
+
+
+def test_lightrnn_lm_parameters():
+    """Brown's vocabulary: only 2 x 101 x 100 vectors instead of 10,008, and no other size changes."""
+    flags = ["--task", "lightrnn_language_modeling"]
+    light = tables.build("group_lstm_lm_brown", [*flags, "--lightrnn"], 10008, device="meta")
+    dense = tables.build("group_lstm_lm_brown", flags, 10008, device="meta")
+    rnn = tables.count(dense.decoder.rnn)
+    assert tables.count(light.decoder.rnn) == rnn
+    E = D = 256  # tied (the architecture's default): row/column output vectors are the input ones
+    assert tables.count(dense) == rnn + 10008 * E
+    assert tables.count(light) == rnn + (101 + 100) * E + (101 + 100) + (D * D + D) + E * D
+
+
+def test_lightrnn_flags_fail_clearly():
+    with pytest.raises(ValueError, match="--lightrnn cannot be combined with --adaptive-softmax-cutoff"):
+        build_lightrnn_lm("--adaptive-softmax-cutoff", "20")
+    with pytest.raises(ValueError, match="--lightrnn trains with --task lightrnn_language_modeling"):
+        build_lightrnn_lm(task="language_modeling")
+    with pytest.raises(ValueError, match="--lightrnn-rows needs --lightrnn"):
+        tables.build("group_lstm_lm", ["--task", "language_modeling", "--lightrnn-rows", "4"], 50)
+    with pytest.raises(ValueError, match="--decoder-out-embed-dim"):
+        build_lightrnn_lm("--share-decoder-input-output-embed", "--decoder-out-embed-dim", "8")
+    assert build_lightrnn_lm("--lightrnn-rows", "5").decoder.lightrnn.table.num_cols == 10
+
+
+def test_task_rejects_a_model_without_lightrnn():
+    from fairseq import options
+
+    from grnn_fairseq.tasks.lightrnn_language_modeling import LightRNNLanguageModelingTask
+
+    d = tables.synthetic_dictionary(50)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["/dev/null", "--task", "lightrnn_language_modeling", "--arch", "group_lstm_lm"])
+    with pytest.raises(ValueError, match="needs a LightRNN model"):
+        LightRNNLanguageModelingTask(args, d).build_model(args)
+
+
+def test_criterion_loss_is_the_negative_log_of_the_normalized_probability():
+    from fairseq.criterions.cross_entropy import CrossEntropyCriterion
+
+    from grnn_fairseq.criterions.lightrnn_cross_entropy import LightRNNCrossEntropyCriterion
+
+    torch.manual_seed(0)
+    model = build_lightrnn_lm("--dropout", "0").train()
+    d = tables.synthetic_dictionary(50)
+    task = SimpleNamespace(target_dictionary=d)
+    tokens = torch.randint(4, 50, (2, 7))
+    target = torch.randint(4, 50, (2, 7))
+    target[1, -2:] = d.pad()
+    sample = {"net_input": {"src_tokens": tokens, "src_lengths": torch.tensor([7, 5])}, "target": target,
+              "ntokens": int(target.ne(d.pad()).sum())}
+    lprobs = model.get_normalized_probs(model(tokens), log_probs=True)  # B x T x V
+    expected = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[target.ne(d.pad())].sum()
+    grads = []
+    for criterion in (LightRNNCrossEntropyCriterion(task, sentence_avg=False), CrossEntropyCriterion(task, sentence_avg=False)):
+        model.zero_grad()
+        loss, sample_size, log = criterion(model, sample)
+        assert sample_size == 12 and log["ntokens"] == 12
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---- end to end through the CLI ------------------------------------------------------------------------------
+
+
+REALLOC = re.compile(r"lightrnn: reallocated (\d+) of (\d+) words at the start of epoch (\d+): "
+                     r"cost ([\d.]+) -> ([\d.]+) nats/token over (\d+) tokens")
+
+
+@pytest.fixture(scope="module")
+def lightrnn_run(tmp_path_factory):
+    """Preprocess a tiny corpus, train a LightRNN group_lstm_lm for 3 epochs (2 reallocations)."""
+    tmp = tmp_path_factory.mktemp("lightrnn")
+    for split, n, seed in (("train", 600, 1), ("valid", 60, 2), ("test", 60, 3)):
+        (tmp / f"{split}.txt").write_text("\n".join(grammar_sentences(n, seed)) + "\n")
+    fairseq_cli("fairseq-preprocess", "--only-source", "--trainpref", tmp / "train.txt", "--validpref",
+                tmp / "valid.txt", "--testpref", tmp / "test.txt", "--destdir", tmp / "bin", "--workers", "1")
+    train_args = [
+        tmp / "bin", "--user-dir", USER_DIR, "--task", "lightrnn_language_modeling", "--arch", "group_lstm_lm",
+        "--lightrnn", "--criterion", "lightrnn_cross_entropy",
+        "--decoder-embed-dim", "32", "--decoder-hidden-size", "32", "--decoder-groups", "2", "--dropout", "0.1",
+        "--share-decoder-input-output-embed",
+        "--tokens-per-sample", "32", "--sample-break-mode", "none", "--batch-size", "4",
+        "--required-batch-size-multiple", "1", "--optimizer", "adam", "--lr", "0.01", "--clip-norm", "1.0",
+        "--save-dir", tmp / "ckpt", "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "10",
+        "--seed", "1", "--num-workers", "0",
+    ]
+    first = fairseq_cli("fairseq-train", *train_args, "--max-epoch", "3")
+    state = torch.load(tmp / "ckpt" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    return tmp, train_args, first.stdout + first.stderr, state
+
+
+def load_task_and_model(tmp):
+    from fairseq import checkpoint_utils
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(tmp / "ckpt" / "checkpoint_last.pt")], arg_overrides={"data": str(tmp / "bin")})
+    task.load_dataset("train")
+    return task, models[0].eval()
+
+
+def test_lightrnn_trains_and_reallocates_between_epochs(lightrnn_run):
+    tmp, _, log, state = lightrnn_run
+    reallocations = REALLOC.findall(log)
+    assert [int(r[2]) for r in reallocations] == [2, 3], log[-3000:]
+    num_words = sum(1 for _ in open(tmp / "bin" / "dict.txt")) + 4
+    for moved, words, _, before, after, ntokens in reallocations:
+        assert int(words) == num_words and int(moved) > 0
+        assert float(after) <= float(before)
+        assert int(ntokens) > 4000  # the whole training split
+    valid_ppl = [float(x) for x in re.findall(r"valid on 'valid' subset.*?\| ppl ([\d.]+)", log)]
+    assert len(valid_ppl) == 3 and valid_ppl[-1] < valid_ppl[0]
+    # the checkpoint holds the reallocated table, not the seeded initial one
+    cells = state["decoder.lightrnn.table.word_cell"]
+    assert int(state["decoder.lightrnn.table.realloc_epoch"]) == 3
+    assert cells.unique().numel() == num_words and not torch.equal(cells, WordTable(num_words, seed=1).word_cell)
+
+
+def test_lightrnn_eval_lm_matches_the_training_loss(lightrnn_run):
+    """fairseq-eval-lm (full-vocabulary log-probs, cross_entropy semantics) reports the criterion's valid loss."""
+    tmp, _, log, _ = lightrnn_run
+    last_valid = float(re.findall(r"valid on 'valid' subset \| loss ([\d.]+)", log)[-1])
+    out = {}
+    for split in ("valid", "test"):
+        proc = fairseq_cli("fairseq-eval-lm", tmp / "bin", "--user-dir", USER_DIR, "--path", tmp / "ckpt" / "checkpoint_last.pt",
+                           "--gen-subset", split, "--tokens-per-sample", "32", "--batch-size", "8",
+                           "--required-batch-size-multiple", "1", "--num-workers", "0")
+        text = proc.stdout + proc.stderr
+        loss, ppl = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", text).groups()
+        out[split] = float(loss), float(ppl)
+    assert out["valid"][0] == pytest.approx(last_valid, abs=6e-4)  # the training log rounds to 3 decimals
+    dict_size = sum(1 for _ in open(tmp / "bin" / "dict.txt")) + 4
+    assert math.isfinite(out["test"][1]) and out["test"][1] < 6 < dict_size  # the grammar's ~5 choices per word
+
+
+def test_lightrnn_resume_keeps_the_table(lightrnn_run):
+    tmp, train_args, _, state = lightrnn_run
+    task, model = load_task_and_model(tmp)
+    assert torch.equal(model.decoder.lightrnn.table.word_cell, state["decoder.lightrnn.table.word_cell"])
+    row_cost, col_cost, ntokens = task.word_costs(model)
+    saved_cost = allocation_cost(row_cost, col_cost, state["decoder.lightrnn.table.word_cell"]) / ntokens
+    initial_cost = allocation_cost(row_cost, col_cost, WordTable(len(task.target_dictionary), seed=1).word_cell) / ntokens
+
+    proc = fairseq_cli("fairseq-train", *train_args, "--max-epoch", "4")
+    out = proc.stdout + proc.stderr
+    assert re.search(r"[Ll]oaded checkpoint .*checkpoint_last\.pt \(epoch 4 @", out), out[-3000:]  # the next epoch
+    reallocations = REALLOC.findall(out)
+    assert [int(r[2]) for r in reallocations] == [4]  # once, and not again for the epochs done before
+    # the resumed run reallocated from the saved table (its cost), not from a fresh seeded one
+    assert float(reallocations[0][3]) == pytest.approx(saved_cost, abs=1e-4)
+    assert abs(initial_cost - saved_cost) > 0.01
+    new_state = torch.load(tmp / "ckpt" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    moved = int((new_state["decoder.lightrnn.table.word_cell"] != state["decoder.lightrnn.table.word_cell"]).sum())
+    assert int(reallocations[0][0]) == moved and int(new_state["decoder.lightrnn.table.realloc_epoch"]) == 4
+
+
+def test_lightrnn_bounded_cost_sample(lightrnn_run):
+    tmp, _, _, _ = lightrnn_run
+    task, model = load_task_and_model(tmp)
+    _, _, all_tokens = task.word_costs(model)
+    row_cost, _, some = task.word_costs(model, max_tokens=500, seed=3)
+    assert 500 <= some < 500 + 32 < all_tokens  # whole sequences of 32 tokens, just past the bound
+    assert row_cost.sum() > 0
+
+
+def test_lightrnn_samples_through_hub_interface(lightrnn_run):
+    tmp, _, _, _ = lightrnn_run
+    from grnn_fairseq.models.group_lstm_lm import GroupLSTMLanguageModel
+
+    hub = GroupLSTMLanguageModel.from_pretrained(str(tmp / "ckpt"), "checkpoint_last.pt", str(tmp / "bin"))
+    text = hub.sample("the cat", beam=1, sampling=True, sampling_topk=3, max_len_b=8, seed=1)
+    assert text.startswith("the cat") and len(text.split()) > 2
+    best = hub.sample("the cat", beam=3, max_len_b=5)
+    assert best.split()[2] in {"sees", "likes", "finds", "calls"}  # the grammar's only verbs
