@@ -1,7 +1,7 @@
 """grnn_fairseq: group recurrent networks (Gao et al., NAACL 2018) as a fairseq plugin.
 
 ``fairseq-train --user-dir grnn_fairseq ...`` imports this package, which registers every model in
-``grnn_fairseq/models``. ``grnn_fairseq.modules`` holds the pure-PyTorch layers and imports no fairseq.
+``grnn_fairseq/models``, task in ``grnn_fairseq/tasks`` and criterion in ``grnn_fairseq/criterions``. ``grnn_fairseq.modules`` holds the pure-PyTorch layers and imports no fairseq.
 """
 
 import argparse
@@ -22,3 +22,4 @@ except ImportError:  # the layers in grnn_fairseq.modules work without fairseq
     pass
 else:
     from . import models  # noqa: F401  (registers the models and architectures)
+    from . import criterions, tasks  # noqa: F401  (registers LightRNN's task and criterion)

@@ -3,6 +3,12 @@
 embedding -> dropout -> GroupLSTM stack -> dropout -> (projection) -> softmax over the vocabulary.
 Runs with ``--task language_modeling`` and everything fairseq offers for it: fairseq-eval-lm for
 perplexity, fairseq-generate / hub ``sample`` for sampling (incremental decoding), adaptive softmax.
+
+``--lightrnn`` replaces the embedding and the softmax by LightRNN's 2-component shared embedding (Li et
+al., NeurIPS 2016; ``grnn_fairseq/modules/lightrnn.py``), trained with ``--task
+lightrnn_language_modeling`` (which reallocates the words between epochs) and, cheapest, ``--criterion
+lightrnn_cross_entropy``; ``get_normalized_probs`` still returns log-probabilities over the whole
+vocabulary, so fairseq-eval-lm, sampling and ``cross_entropy`` work unchanged.
 """
 
 from typing import Dict, Optional
@@ -21,9 +27,11 @@ from fairseq.modules import AdaptiveSoftmax
 from torch import Tensor
 
 from grnn_fairseq.modules import GroupLSTM
+from grnn_fairseq.modules.lightrnn import LightRNNVocabulary
 from grnn_fairseq.modules.linear import Linear, linear
 
 DEFAULT_MAX_TARGET_POSITIONS = 100000
+LIGHTRNN_TASK = "lightrnn_language_modeling"  # registered in grnn_fairseq/tasks
 
 
 def check_groups(args, groups_flag: str, sizes) -> None:
@@ -80,6 +88,11 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
                             help='comma separated adaptive softmax cutoffs; use with --criterion adaptive_loss')
         parser.add_argument('--max-target-positions', type=int, metavar='N',
                             help='longest sequence the model accepts')
+        parser.add_argument('--lightrnn', action='store_true',
+                            help='LightRNN (Li et al. 2016): words share row and column vectors of a table, '
+                                 'factorized row-then-column softmax; train with --task ' + LIGHTRNN_TASK)
+        parser.add_argument('--lightrnn-rows', type=int, metavar='R',
+                            help='rows R of the LightRNN table (default ceil(sqrt(V)); columns ceil(V / R))')
         # fmt: on
 
     @classmethod
@@ -94,6 +107,17 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
                     f"--share-decoder-input-output-embed needs --decoder-out-embed-dim "
                     f"({args.decoder_out_embed_dim}) == --decoder-embed-dim ({args.decoder_embed_dim})"
                 )
+        if args.lightrnn:
+            if args.adaptive_softmax_cutoff is not None:
+                raise ValueError("--lightrnn cannot be combined with --adaptive-softmax-cutoff (both replace the softmax)")
+            if getattr(args, "task", LIGHTRNN_TASK) != LIGHTRNN_TASK:
+                # eval-lm and the hub build from the checkpoint's args, whose task is the training one
+                raise ValueError(
+                    f"--lightrnn trains with --task {LIGHTRNN_TASK} (it reallocates the words between epochs), "
+                    f"got --task {args.task}"
+                )
+        elif args.lightrnn_rows is not None:
+            raise ValueError("--lightrnn-rows needs --lightrnn")
         if args.max_target_positions is None:
             args.max_target_positions = getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
         cutoff = None
@@ -115,6 +139,9 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
             variational_dropout=args.variational_dropout,
             adaptive_softmax_cutoff=cutoff,
             max_target_positions=args.max_target_positions,
+            lightrnn=args.lightrnn,
+            lightrnn_rows=args.lightrnn_rows,
+            lightrnn_seed=getattr(args, "seed", 1),
         )
         return cls(decoder)
 
@@ -122,6 +149,9 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
 class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
     """Embedding, GroupLSTM stack and output layer of :class:`GroupLSTMLanguageModel`.
 
+    With ``lightrnn`` the embedding and the output layer are one ``LightRNNVocabulary`` (``self.lightrnn``;
+    ``embed_tokens``, ``fc_out`` and ``adaptive_softmax`` are None): ``forward`` returns the features
+    (B x T x out_embed_dim) and ``get_normalized_probs`` the log-probabilities over the vocabulary.
     Incremental state: ``cached_state`` = {"h": (L x B x H), "c": (L x B x H)}.
     """
 
@@ -142,6 +172,9 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
         variational_dropout: bool,
         adaptive_softmax_cutoff=None,
         max_target_positions: int = DEFAULT_MAX_TARGET_POSITIONS,
+        lightrnn: bool = False,
+        lightrnn_rows: Optional[int] = None,
+        lightrnn_seed: int = 1,
     ):
         super().__init__(dictionary)
         self.dropout_in = dropout_in
@@ -150,9 +183,17 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
         self.share_input_output_embed = share_input_output_embed
         self.max_target_positions = max_target_positions
         num_embeddings = len(dictionary)
-        self.embed_tokens = nn.Embedding(num_embeddings, embed_dim, padding_idx=dictionary.pad())
-        nn.init.uniform_(self.embed_tokens.weight, -0.1, 0.1)
-        nn.init.zeros_(self.embed_tokens.weight[dictionary.pad()])
+        self.lightrnn = None
+        self.embed_tokens = None
+        if lightrnn:
+            self.lightrnn = LightRNNVocabulary(
+                num_embeddings, embed_dim, out_embed_dim, num_rows=lightrnn_rows, seed=lightrnn_seed,
+                share_input_output_embed=share_input_output_embed,
+            )
+        else:
+            self.embed_tokens = nn.Embedding(num_embeddings, embed_dim, padding_idx=dictionary.pad())
+            nn.init.uniform_(self.embed_tokens.weight, -0.1, 0.1)
+            nn.init.zeros_(self.embed_tokens.weight[dictionary.pad()])
         self.rnn = GroupLSTM(
             embed_dim,
             hidden_size,
@@ -170,7 +211,7 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
         self.fc_out = None
         if adaptive_softmax_cutoff is not None:
             self.adaptive_softmax = AdaptiveSoftmax(num_embeddings, out_embed_dim, adaptive_softmax_cutoff, dropout=dropout_out)
-        elif not share_input_output_embed:
+        elif not share_input_output_embed and not lightrnn:
             self.fc_out = Linear(out_embed_dim, num_embeddings)
 
     def forward(
@@ -190,7 +231,10 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
             cached = self.get_incremental_state(incremental_state, "cached_state")
             if cached is not None:
                 hx = (cached["h"], cached["c"])
-        x = self.embed_tokens(prev_output_tokens)  # B x T x E
+        if self.lightrnn is not None:
+            x = self.lightrnn.embed(prev_output_tokens)  # B x T x E
+        else:
+            x = self.embed_tokens(prev_output_tokens)  # B x T x E
         x = sequence_dropout(x, self.dropout_in, self.training, self.variational_dropout)
         x = x.transpose(0, 1)  # B x T x E -> T x B x E
         x, (h, c) = self.rnn(x, hx)  # T x B x H; h, c: L x B x H
@@ -203,11 +247,18 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
         return x
 
     def output_layer(self, x: Tensor) -> Tensor:
-        if self.adaptive_softmax is not None:  # the criterion applies it
+        if self.adaptive_softmax is not None or self.lightrnn is not None:  # get_normalized_probs applies it
             return x
         if self.share_input_output_embed:
             return linear(x, self.embed_tokens.weight)
         return self.fc_out(x)
+
+    def get_normalized_probs(self, net_output, log_probs: bool, sample=None):
+        """B x T x V (log-)probabilities; with LightRNN from the features, exactly normalized over V."""
+        if self.lightrnn is None:
+            return super().get_normalized_probs(net_output, log_probs, sample)
+        lprobs = self.lightrnn.log_probs(net_output[0])  # B x T x D -> B x T x V
+        return lprobs if log_probs else lprobs.exp()
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
         cached = self.get_incremental_state(incremental_state, "cached_state")
@@ -237,6 +288,8 @@ def base_architecture(args):
     args.variational_dropout = getattr(args, "variational_dropout", False)
     args.adaptive_softmax_cutoff = getattr(args, "adaptive_softmax_cutoff", None)
     args.max_target_positions = getattr(args, "max_target_positions", None)
+    args.lightrnn = getattr(args, "lightrnn", False)
+    args.lightrnn_rows = getattr(args, "lightrnn_rows", None)
 
 
 @register_model_architecture("group_lstm_lm", "group_lstm_lm_ptb")
