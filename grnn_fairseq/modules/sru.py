@@ -1,7 +1,7 @@
-"""SRU: Lei, Zhang and Artzi, "Training RNNs as Fast as CNNs" (arXiv:1709.02755, 2017), section 2, with the
-grouped input projections and the between-layer channel shuffle of Gao et al. (NAACL 2018).
+"""SRU: Lei, Zhang and Artzi, "Training RNNs as Fast as CNNs" (arXiv:1709.02755, 2017), with the grouped
+input projections and the between-layer channel shuffle of Gao et al. (NAACL 2018).
 
-One layer and direction, for t = 1..T (equations 3-7 of the SRU paper, g = tanh as in its reference code)::
+One layer and direction, for t = 1..T (the SRU recurrence with g = tanh, as in its reference code)::
 
     x~_t = W x_t
     f_t  = sigmoid(W_f x_t + b_f)
