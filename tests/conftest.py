@@ -29,6 +29,30 @@ def fairseq_cli(command, *args, check=True, timeout=600):
     return proc
 
 
+def fairseq_train_in_process(*args):
+    """fairseq-train's entry point in this process (no 4 s of imports): args as on the command line."""
+    from fairseq import checkpoint_utils, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import train
+
+    parsed = options.parse_args_and_arch(options.get_training_parser(), input_args=[str(a) for a in args])
+    # fairseq keeps the best validation loss in a process-wide attribute; a fresh fairseq-train starts without
+    # it (a resumed run restores it from checkpoint_last.pt), else checkpoint_best.pt may never be written
+    if hasattr(checkpoint_utils.save_checkpoint, "best"):
+        del checkpoint_utils.save_checkpoint.best
+    train.main(convert_namespace_to_omegaconf(parsed))
+
+
+def fairseq_eval_lm_in_process(*args):
+    """fairseq-eval-lm's entry point in this process; returns its results ({"loss", "perplexity"})."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import eval_lm
+
+    parsed = options.parse_args_and_arch(options.get_eval_lm_parser(), input_args=[str(a) for a in args])
+    return eval_lm.main(convert_namespace_to_omegaconf(parsed))
+
+
 def grammar_sentences(n, seed):
     """Sentences of a tiny grammar: learnable, so perplexity must fall well below the vocabulary size."""
     rng = random.Random(seed)

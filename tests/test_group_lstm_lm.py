@@ -10,7 +10,7 @@ import torch
 import grnn_fairseq
 from grnn_fairseq import tables
 
-from conftest import USER_DIR, fairseq_cli, grammar_sentences
+from conftest import USER_DIR, fairseq_cli, fairseq_eval_lm_in_process, fairseq_train_in_process, grammar_sentences
 
 
 def test_checkpoint_safe_globals_registered():
@@ -29,11 +29,15 @@ def build_lm(*flags, vocab=50):
     return model.eval()
 
 
+DESIGNS = {"lstm": [], "sru": ["--cell", "sru"], "flstm": ["--factorize-rank", "8"]}
+
+
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("groups", [1, 2, 4])
-def test_incremental_decoding_equals_full_forward(groups):
+def test_incremental_decoding_equals_full_forward(groups, design):
     torch.manual_seed(0)
     model = build_lm("--decoder-embed-dim", "16", "--decoder-hidden-size", "16", "--decoder-layers", "3",
-                     "--decoder-groups", str(groups))
+                     "--decoder-groups", str(groups), *DESIGNS[design])
     tokens = torch.randint(4, 50, (3, 7))
     full = model.get_normalized_probs(model(tokens), log_probs=True)
     state = {}
@@ -54,6 +58,41 @@ def test_invalid_flags_name_the_flag():
         build_lm("--decoder-embed-dim", "16", "--decoder-groups", "3")
     with pytest.raises(ValueError, match="--decoder-out-embed-dim"):
         build_lm("--decoder-embed-dim", "16", "--decoder-out-embed-dim", "8", "--share-decoder-input-output-embed")
+    with pytest.raises(ValueError, match="--factorize-rank 6 is not divisible by --decoder-groups 4"):
+        build_lm("--decoder-embed-dim", "16", "--decoder-groups", "4", "--factorize-rank", "6")
+    with pytest.raises(ValueError, match="--factorize-rank .* cannot be used with --cell sru"):
+        build_lm("--decoder-embed-dim", "16", "--cell", "sru", "--factorize-rank", "8")
+    with pytest.raises(ValueError, match="--factorize-rank must be >= 0"):
+        build_lm("--decoder-embed-dim", "16", "--factorize-rank", "-2")
+
+
+def test_unknown_cell_names_the_flag(capsys):
+    with pytest.raises(SystemExit):  # the command line: argparse's choices
+        build_lm("--cell", "gru")
+    assert "argument --cell: invalid choice: 'gru'" in capsys.readouterr().err
+    from grnn_fairseq.models.group_lstm_lm import check_cell
+
+    args = argparse.Namespace(cell="gru", factorize_rank=0, decoder_groups=1)  # programmatic use
+    with pytest.raises(ValueError, match="--cell must be one of lstm, sru, got 'gru'"):
+        check_cell(args, ["--decoder-groups"])
+
+
+def test_designs_build_the_right_layers():
+    from grnn_fairseq.models.group_rnnsearch import recurrent_parameter_count
+    from grnn_fairseq.modules import SRU, FactorizedLSTM, GroupLSTM
+
+    flags = ["--decoder-embed-dim", "16", "--decoder-hidden-size", "16", "--decoder-layers", "2"]
+    rnn = build_lm(*flags, "--no-shuffle-layers", "--no-shuffle-time").decoder.rnn  # G-LSTM
+    assert type(rnn) is GroupLSTM and not rnn.shuffle_layers and not rnn.shuffle_time
+    model = build_lm(*flags, "--factorize-rank", "8", "--variational-dropout", "--dropout", "0.2")
+    rnn = model.decoder.rnn
+    assert type(rnn) is FactorizedLSTM and (rnn.rank, rnn.groups, rnn.recurrent_dropout) == (8, 2, 0.2)
+    # per layer W1 8 x (16 + 16) and W2 64 x 8, halved by the 2 groups, plus the 64 biases
+    assert recurrent_parameter_count(model) == 2 * ((8 * 32 + 64 * 8) // 2 + 64)
+    model = build_lm(*flags, "--cell", "sru", "--variational-dropout")
+    rnn = model.decoder.rnn
+    assert type(rnn) is SRU and rnn.variational and rnn.groups == 2
+    assert recurrent_parameter_count(model) == 2 * (3 * 16 * 16 // 2 + 2 * 16)
 
 
 def test_architectures_set_their_sizes():
@@ -65,13 +104,20 @@ def test_architectures_set_their_sizes():
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    """Preprocess a tiny corpus and train a small group_lstm_lm for a few epochs."""
+def lm_data(tmp_path_factory):
+    """A tiny grammar corpus, preprocessed into tmp/bin."""
     tmp = tmp_path_factory.mktemp("lm")
     for split, n, seed in (("train", 600, 1), ("valid", 60, 2), ("test", 60, 3)):
         (tmp / f"{split}.txt").write_text("\n".join(grammar_sentences(n, seed)) + "\n")
     fairseq_cli("fairseq-preprocess", "--only-source", "--trainpref", tmp / "train.txt", "--validpref",
                 tmp / "valid.txt", "--testpref", tmp / "test.txt", "--destdir", tmp / "bin", "--workers", "1")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def lm_run(lm_data):
+    """Train a small group_lstm_lm on the tiny corpus for a few epochs."""
+    tmp = lm_data
     train_args = [
         tmp / "bin", "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "group_lstm_lm",
         "--decoder-embed-dim", "32", "--decoder-hidden-size", "32", "--decoder-groups", "2", "--dropout", "0.1",
@@ -91,13 +137,48 @@ def test_lm_trains_and_eval_lm_reports_perplexity(lm_run):
     valid_ppl = [float(x) for x in re.findall(r"valid on 'valid' subset.*?\| ppl ([\d.]+)", log)]
     assert len(valid_ppl) == 4 and valid_ppl[-1] < valid_ppl[0]
     dict_size = sum(1 for _ in open(tmp / "bin" / "dict.txt")) + 4
-    proc = fairseq_cli("fairseq-eval-lm", tmp / "bin", "--user-dir", USER_DIR, "--path", tmp / "ckpt" / "checkpoint_last.pt",
+    ppl, out = eval_lm_perplexity(tmp / "bin", tmp / "ckpt" / "checkpoint_last.pt")
+    # the grammar allows at most ~5 choices per word; uniform over the vocabulary would be ~dict_size
+    assert ppl < 6 < dict_size, out[-2000:]
+
+
+def eval_lm_perplexity(data, checkpoint):
+    """fairseq-eval-lm's test perplexity of a checkpoint, and its output."""
+    proc = fairseq_cli("fairseq-eval-lm", data, "--user-dir", USER_DIR, "--path", checkpoint,
                        "--gen-subset", "test", "--tokens-per-sample", "32", "--batch-size", "8",
                        "--required-batch-size-multiple", "1", "--num-workers", "0")
     out = proc.stdout + proc.stderr
-    ppl = float(re.search(r"Perplexity: ([\d.]+)", out).group(1))
-    # the grammar allows at most ~5 choices per word; uniform over the vocabulary would be ~dict_size
-    assert ppl < 6 < dict_size, out[-2000:]
+    return float(re.search(r"Perplexity: ([\d.]+)", out).group(1)), out
+
+
+@pytest.mark.parametrize("design", ["sru", "flstm", "glstm"])
+def test_designs_train_and_eval_lm_through_the_cli(lm_data, design):
+    """Each related design as a fairseq-train flag, then fairseq-eval-lm on the checkpoint (both entry points
+    in this process, with --user-dir): it must learn the grammar (perplexity far below the vocabulary size)
+    and load back with its own layer type."""
+    tmp = lm_data
+    flags = {"sru": ["--cell", "sru"], "flstm": ["--factorize-rank", "16"],
+             "glstm": ["--no-shuffle-layers", "--no-shuffle-time"]}[design]  # fmt: skip
+    save = tmp / f"ckpt-{design}"
+    fairseq_train_in_process(
+        tmp / "bin", "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "group_lstm_lm",
+        "--decoder-embed-dim", "32", "--decoder-hidden-size", "32", "--decoder-groups", "2", "--dropout", "0.1",
+        "--share-decoder-input-output-embed", *flags,
+        "--tokens-per-sample", "32", "--sample-break-mode", "none", "--batch-size", "4",
+        "--required-batch-size-multiple", "1", "--optimizer", "adam", "--lr", "0.03", "--clip-norm", "1.0",
+        "--save-dir", save, "--no-epoch-checkpoints", "--max-epoch", "2", "--disable-validation",
+        "--log-format", "simple", "--seed", "1", "--num-workers", "0",
+    )  # fmt: skip
+    names = set(torch.load(save / "checkpoint_last.pt", weights_only=False)["model"])
+    layer = {"sru": "decoder.rnn.weight_l1", "flstm": "decoder.rnn.weight2_l1", "glstm": "decoder.rnn.weight_hh_l1"}
+    assert layer[design] in names
+    results = fairseq_eval_lm_in_process(
+        tmp / "bin", "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt", "--gen-subset", "test",
+        "--tokens-per-sample", "32", "--batch-size", "8", "--required-batch-size-multiple", "1", "--num-workers", "0",
+    )  # fmt: skip
+    dict_size = sum(1 for _ in open(tmp / "bin" / "dict.txt")) + 4
+    # measured 2.5-3.3 here after these 2 epochs; the untrained models score about the vocabulary size
+    assert float(results["perplexity"]) < 5 < dict_size / 4
 
 
 def test_lm_resumes_from_checkpoint_last(lm_run):

@@ -1,6 +1,8 @@
 """group_lstm_lm: an LSTM language model on GroupLSTM (Gao et al., NAACL 2018, section 4.1 and Table 1).
 
 embedding -> dropout -> GroupLSTM stack -> dropout -> (projection) -> softmax over the vocabulary.
+The related designs of the paper's comparisons replace the stack: ``--no-shuffle-layers --no-shuffle-time``
+(G-LSTM), ``--factorize-rank r`` (F-LSTM, FactorizedLSTM) and ``--cell sru`` (SRU).
 Runs with ``--task language_modeling`` and everything fairseq offers for it: fairseq-eval-lm for
 perplexity, fairseq-generate / hub ``sample`` for sampling (incremental decoding), adaptive softmax.
 
@@ -26,7 +28,7 @@ from fairseq.models import (
 from fairseq.modules import AdaptiveSoftmax
 from torch import Tensor
 
-from grnn_fairseq.modules import GroupLSTM
+from grnn_fairseq.modules import CELLS, recurrent_stack
 from grnn_fairseq.modules.lightrnn import LightRNNVocabulary
 from grnn_fairseq.modules.linear import Linear, linear
 
@@ -83,7 +85,16 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
                             help='no representation rearrangement between time steps')
         parser.add_argument('--variational-dropout', action='store_true',
                             help='Gal and Ghahramani dropout: one mask per sequence on inputs, outputs, '
-                                 'between layers and on the recurrent state (rate --dropout there)')
+                                 'between layers and on the recurrent state (rate --dropout there; '
+                                 'no recurrent state dropout with --cell sru, which has no W_hh)')
+        parser.add_argument('--cell', choices=CELLS,
+                            help='recurrent unit of every decoder layer: lstm (default) or sru (Lei et al. 2017: '
+                                 'grouped input projections, shuffle between layers; --no-shuffle-time '
+                                 'does not apply, SRU has no h-to-h matrix)')
+        parser.add_argument('--factorize-rank', type=int, metavar='R',
+                            help='F-LSTM (Kuchaiev and Ginsburg 2017): every decoder LSTM layer computes its gates '
+                                 'as W2 W1 [x; h] with a rank-R bottleneck, R/K per group (K must divide R); '
+                                 '0 (default): the full matrix; --cell lstm only')
         parser.add_argument('--adaptive-softmax-cutoff', metavar='EXPR',
                             help='comma separated adaptive softmax cutoffs; use with --criterion adaptive_loss')
         parser.add_argument('--max-target-positions', type=int, metavar='N',
@@ -99,6 +110,7 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
     def build_model(cls, args, task):
         base_architecture(args)
         check_groups(args, "--decoder-groups", ["--decoder-embed-dim", "--decoder-hidden-size"])
+        check_cell(args, ["--decoder-groups"])
         if args.share_decoder_input_output_embed:
             if args.adaptive_softmax_cutoff is not None:
                 raise ValueError("--share-decoder-input-output-embed cannot be combined with --adaptive-softmax-cutoff")
@@ -142,17 +154,37 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
             lightrnn=args.lightrnn,
             lightrnn_rows=args.lightrnn_rows,
             lightrnn_seed=getattr(args, "seed", 1),
+            cell=args.cell,
+            factorize_rank=args.factorize_rank,
         )
         return cls(decoder)
 
 
+def check_cell(args, groups_flags) -> None:
+    """Validate --cell and --factorize-rank (after base_architecture); errors name the flags."""
+    if args.cell not in CELLS:
+        raise ValueError(f"--cell must be one of {', '.join(CELLS)}, got {args.cell!r}")
+    rank = args.factorize_rank
+    if rank < 0:
+        raise ValueError(f"--factorize-rank must be >= 0 (0: no factorization), got {rank}")
+    if rank and args.cell != "lstm":
+        raise ValueError(f"--factorize-rank factorizes an LSTM's gate matrix; it cannot be used with --cell {args.cell}")
+    for flag in groups_flags:
+        groups = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if rank and rank % groups != 0:
+            raise ValueError(
+                f"--factorize-rank {rank} is not divisible by {flag} {groups} (every group gets rank R/K)"
+            )
+
+
 class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
-    """Embedding, GroupLSTM stack and output layer of :class:`GroupLSTMLanguageModel`.
+    """Embedding, recurrent stack (GroupLSTM, FactorizedLSTM or SRU) and output layer of
+    :class:`GroupLSTMLanguageModel`.
 
     With ``lightrnn`` the embedding and the output layer are one ``LightRNNVocabulary`` (``self.lightrnn``;
     ``embed_tokens``, ``fc_out`` and ``adaptive_softmax`` are None): ``forward`` returns the features
     (B x T x out_embed_dim) and ``get_normalized_probs`` the log-probabilities over the vocabulary.
-    Incremental state: ``cached_state`` = {"h": (L x B x H), "c": (L x B x H)}.
+    Incremental state: ``cached_state`` = {"h": (L x B x H), "c": (L x B x H)}; {"c"} only for ``cell="sru"``.
     """
 
     def __init__(
@@ -175,8 +207,11 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
         lightrnn: bool = False,
         lightrnn_rows: Optional[int] = None,
         lightrnn_seed: int = 1,
+        cell: str = "lstm",
+        factorize_rank: int = 0,
     ):
         super().__init__(dictionary)
+        self.cell = cell
         self.dropout_in = dropout_in
         self.dropout_out = dropout_out
         self.variational_dropout = variational_dropout
@@ -194,7 +229,8 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
             self.embed_tokens = nn.Embedding(num_embeddings, embed_dim, padding_idx=dictionary.pad())
             nn.init.uniform_(self.embed_tokens.weight, -0.1, 0.1)
             nn.init.zeros_(self.embed_tokens.weight[dictionary.pad()])
-        self.rnn = GroupLSTM(
+        self.rnn = recurrent_stack(
+            cell,
             embed_dim,
             hidden_size,
             num_layers=num_layers,
@@ -203,7 +239,8 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
             shuffle_layers=shuffle_layers,
             shuffle_time=shuffle_time,
             variational=variational_dropout,
-            recurrent_dropout=dropout if variational_dropout else 0.0,
+            recurrent_dropout=dropout if variational_dropout and cell == "lstm" else 0.0,
+            factorize_rank=factorize_rank,
         )
         # H -> out_embed_dim only where the sizes differ (e.g. tied embeddings smaller than H)
         self.project_out = Linear(hidden_size, out_embed_dim) if hidden_size != out_embed_dim else None
@@ -230,16 +267,17 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
             prev_output_tokens = prev_output_tokens[:, -1:]
             cached = self.get_incremental_state(incremental_state, "cached_state")
             if cached is not None:
-                hx = (cached["h"], cached["c"])
+                hx = cached["c"] if self.cell == "sru" else (cached["h"], cached["c"])
         if self.lightrnn is not None:
             x = self.lightrnn.embed(prev_output_tokens)  # B x T x E
         else:
             x = self.embed_tokens(prev_output_tokens)  # B x T x E
         x = sequence_dropout(x, self.dropout_in, self.training, self.variational_dropout)
         x = x.transpose(0, 1)  # B x T x E -> T x B x E
-        x, (h, c) = self.rnn(x, hx)  # T x B x H; h, c: L x B x H
+        x, state = self.rnn(x, hx)  # T x B x H; state: (h, c) or, for SRU, c; each L x B x H
         if incremental_state is not None:
-            self.set_incremental_state(incremental_state, "cached_state", {"h": h, "c": c})
+            cached = {"c": state} if self.cell == "sru" else {"h": state[0], "c": state[1]}
+            self.set_incremental_state(incremental_state, "cached_state", cached)
         x = x.transpose(0, 1)  # T x B x H -> B x T x H
         x = sequence_dropout(x, self.dropout_out, self.training, self.variational_dropout)
         if self.project_out is not None:
@@ -286,6 +324,8 @@ def base_architecture(args):
     args.no_shuffle_layers = getattr(args, "no_shuffle_layers", False)
     args.no_shuffle_time = getattr(args, "no_shuffle_time", False)
     args.variational_dropout = getattr(args, "variational_dropout", False)
+    args.cell = getattr(args, "cell", "lstm")
+    args.factorize_rank = getattr(args, "factorize_rank", 0)
     args.adaptive_softmax_cutoff = getattr(args, "adaptive_softmax_cutoff", None)
     args.max_target_positions = getattr(args, "max_target_positions", None)
     args.lightrnn = getattr(args, "lightrnn", False)

@@ -27,6 +27,11 @@ encoder states (2d, ``--decoder-first-layer-hidden-size``) and the grouped decod
 (``--decoder-hidden-size``); the named architectures use that reading.
 
 ``--encoder-groups 1 --decoder-groups 1`` is the dense RNNSearch baseline in the same code.
+
+Related designs (README, "Related designs"): ``--no-shuffle-layers --no-shuffle-time`` is G-LSTM;
+``--factorize-rank r`` makes the encoder layers and the decoder layers above the first F-LSTMs
+(FactorizedLSTM); ``--cell sru`` makes them SRUs. The first decoder layer stays an LSTM cell in both cases:
+it carries the attention and the input feeding, and footnote 2 keeps it an ordinary LSTM too.
 """
 
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -45,7 +50,8 @@ from fairseq.models import (
 )
 from fairseq.modules import FairseqDropout
 
-from grnn_fairseq.modules import GroupLSTM, GroupLSTMCell, channel_shuffle
+from grnn_fairseq.models.group_lstm_lm import check_cell
+from grnn_fairseq.modules import CELLS, RECURRENT_LAYERS, GroupLSTMCell, channel_shuffle, recurrent_stack
 from grnn_fairseq.modules.activations import tanh
 from grnn_fairseq.modules.linear import Linear, reuse_packed_weights
 
@@ -74,7 +80,8 @@ def roll_rows(x: Tensor, shift: Tensor, time_dim: int) -> Tensor:
 
 
 class GroupRNNSearchEncoder(FairseqEncoder):
-    """Bidirectional GroupLSTM layer (d per direction) + (num_layers - 1) GroupLSTM layers of width 2d.
+    """Bidirectional GroupLSTM layer (d per direction) + (num_layers - 1) GroupLSTM layers of width 2d
+    (FactorizedLSTM with ``factorize_rank`` > 0, SRU with ``cell="sru"``).
 
     Sources may be left padded (fairseq's default) or right padded; the recurrence runs on a right-padded
     copy with explicit lengths, so padding never changes a sentence's encoding, and the outputs are
@@ -93,6 +100,8 @@ class GroupRNNSearchEncoder(FairseqEncoder):
         shuffle_layers: bool,
         shuffle_time: bool,
         max_source_positions: int,
+        cell: str = "lstm",
+        factorize_rank: int = 0,
     ):
         super().__init__(dictionary)
         self.embed_tokens = embed_tokens
@@ -102,12 +111,19 @@ class GroupRNNSearchEncoder(FairseqEncoder):
         self.max_source_positions = max_source_positions
         self.output_units = 2 * hidden_size
         self.dropout_module = FairseqDropout(dropout, module_name=self.__class__.__name__)
-        self.bidirectional = GroupLSTM(
-            embed_tokens.embedding_dim, hidden_size, groups=groups, bidirectional=True, shuffle_time=shuffle_time
+        self.bidirectional = recurrent_stack(
+            cell,
+            embed_tokens.embedding_dim,
+            hidden_size,
+            groups=groups,
+            bidirectional=True,
+            shuffle_time=shuffle_time,
+            factorize_rank=factorize_rank,
         )
         # footnote 3: the layers above the bidirectional one are 2d wide
         self.upper = (
-            GroupLSTM(
+            recurrent_stack(
+                cell,
                 2 * hidden_size,
                 2 * hidden_size,
                 num_layers=num_layers - 1,
@@ -115,6 +131,7 @@ class GroupRNNSearchEncoder(FairseqEncoder):
                 dropout=dropout,
                 shuffle_layers=shuffle_layers,
                 shuffle_time=shuffle_time,
+                factorize_rank=factorize_rank,
             )
             if num_layers > 1
             else None
@@ -199,12 +216,13 @@ def attend(
 
 
 class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
-    """Attention LSTM layer with input feeding + a GroupLSTM stack over the attentional vectors.
+    """Attention LSTM layer with input feeding + a GroupLSTM stack over the attentional vectors (FactorizedLSTM
+    with ``factorize_rank`` > 0, SRU with ``cell="sru"``; the attention layer stays an LSTM cell).
 
     Returns logits B x T x V and the attention weights B x T x S.
 
     Incremental decoding caches one dict of tensors: ``first_h``, ``first_c``, ``input_feed`` (B x H1),
-    ``upper_h``, ``upper_c`` ((L-1) x B x H) and ``projected_keys`` (S x B x A).
+    ``upper_h`` (LSTM cells only), ``upper_c`` ((L-1) x B x H) and ``projected_keys`` (S x B x A).
     """
 
     # batch dimension of every cached tensor, for reorder_incremental_state
@@ -228,9 +246,12 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         shuffle_layers: bool,
         shuffle_time: bool,
         max_target_positions: int,
+        cell: str = "lstm",
+        factorize_rank: int = 0,
     ):
         super().__init__(dictionary)
         E, H1 = embed_tokens.embedding_dim, first_layer_hidden_size
+        self.cell = cell
         self.embed_tokens = embed_tokens
         self.first_layer_hidden_size = H1
         self.hidden_size = hidden_size
@@ -247,7 +268,8 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
             self.attention = LuongAttention(H1, encoder_output_units)
         self.attention_out = Linear(H1 + encoder_output_units, H1, bias=False)  # a_t = tanh(W_o [s_t; c_t])
         self.upper = (
-            GroupLSTM(
+            recurrent_stack(
+                cell,
                 H1,
                 hidden_size,
                 num_layers=num_layers - 1,
@@ -255,6 +277,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
                 dropout=dropout,
                 shuffle_layers=shuffle_layers,
                 shuffle_time=shuffle_time,
+                factorize_rank=factorize_rank,
             )
             if num_layers > 1
             else None
@@ -285,14 +308,16 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         mean = (enc * keep).sum(0) / keep.sum(0)  # B x C, mean over the real source tokens
         zeros = enc.new_zeros(B, self.first_layer_hidden_size)
         upper_zeros = enc.new_zeros(self.num_upper_layers, B, self.hidden_size)  # L-1 x B x H (0 x B x H if none)
-        return {
+        state = {
             "first_h": tanh(self.init_proj(mean)),  # B x H1
             "first_c": zeros,  # B x H1
             "input_feed": zeros,  # B x H1, a_0
-            "upper_h": upper_zeros,
             "upper_c": upper_zeros,
             "projected_keys": self.attention.project_keys(enc),  # S x B x A
         }
+        if self.cell == "lstm":  # an SRU's state is c alone
+            state["upper_h"] = upper_zeros
+        return state
 
     def extract_features(
         self,
@@ -324,17 +349,20 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
                 outputs.append(feed)
                 attn.append(weights)
         x = torch.stack(outputs, 0)  # T x B x H1
-        upper_h, upper_c = state["upper_h"], state["upper_c"]
+        upper = {name: state[name] for name in ("upper_h", "upper_c") if name in state}
         if self.upper is not None:
-            x, (upper_h, upper_c) = self.upper(self.dropout_module(x), (upper_h, upper_c))  # T x B x H
+            x = self.dropout_module(x)
+            if self.cell == "sru":
+                x, upper["upper_c"] = self.upper(x, upper["upper_c"])  # T x B x H
+            else:
+                x, (upper["upper_h"], upper["upper_c"]) = self.upper(x, (upper["upper_h"], upper["upper_c"]))
 
         if incremental_state is not None:
             new_state = {
                 "first_h": h,
                 "first_c": c,
                 "input_feed": feed,
-                "upper_h": upper_h,
-                "upper_c": upper_c,
+                **upper,
                 "projected_keys": keys,
             }
             self.set_incremental_state(incremental_state, "cached_state", new_state)
@@ -371,13 +399,14 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
 
 
 def recurrent_parameter_count(module: nn.Module) -> int:
-    """Parameters of every GroupLSTM / GroupLSTMCell (weights and biases): the paper's "recurrent layers".
+    """Parameters of every GroupLSTM / GroupLSTMCell / FactorizedLSTM / SRU (weights and biases): the paper's
+    "recurrent layers".
 
     Embeddings, attention (W_q, W_k, v or W; W_o), the decoder init projection and the output layers are
     not counted.
     """
     return sum(
-        p.numel() for m in module.modules() if isinstance(m, (GroupLSTM, GroupLSTMCell)) for p in m.parameters()
+        p.numel() for m in module.modules() if isinstance(m, RECURRENT_LAYERS) for p in m.parameters()
     )
 
 
@@ -412,6 +441,7 @@ def check_args(args, task) -> None:
     if args.decoder_layers > 1:
         divides("--decoder-groups", args.decoder_groups, "--decoder-first-layer-hidden-size", H1)
         divides("--decoder-groups", args.decoder_groups, "--decoder-hidden-size", args.decoder_hidden_size)
+    check_cell(args, ["--encoder-groups"] + (["--decoder-groups"] if args.decoder_layers > 1 else []))
 
     if args.share_all_embeddings:
         if task.source_dictionary != task.target_dictionary:
@@ -473,6 +503,15 @@ class GroupRNNSearchModel(FairseqEncoderDecoderModel):
                             help='no channel shuffle between stacked group layers')
         parser.add_argument('--no-shuffle-time', action='store_true',
                             help='no channel shuffle of h_{t-1} between time steps')
+        parser.add_argument('--cell', choices=CELLS,
+                            help='recurrent unit of the encoder layers and the decoder layers above the first: '
+                                 'lstm (default) or sru (Lei et al. 2017; --no-shuffle-time does not apply to '
+                                 'SRU layers); the first (attention) decoder layer stays an LSTM cell')
+        parser.add_argument('--factorize-rank', type=int, metavar='R',
+                            help='F-LSTM (Kuchaiev and Ginsburg 2017): the encoder layers and the decoder layers '
+                                 'above the first compute their gates as W2 W1 [x; h], a rank-R bottleneck, R/K '
+                                 'per group (--encoder-groups and --decoder-groups must divide R); 0 (default): '
+                                 'the full matrix; not the first (attention) decoder layer; --cell lstm only')
         parser.add_argument('--init-uniform', type=float, metavar='A',
                             help='>0: initialize every parameter U(-A, A); 0: module defaults')
         parser.add_argument('--max-source-positions', type=int, metavar='N', help='longest source sentence')
@@ -500,6 +539,8 @@ class GroupRNNSearchModel(FairseqEncoderDecoderModel):
             shuffle_layers=shuffle_layers,
             shuffle_time=shuffle_time,
             max_source_positions=args.max_source_positions,
+            cell=args.cell,
+            factorize_rank=args.factorize_rank,
         )
         decoder = GroupRNNSearchDecoder(
             tgt_dict,
@@ -518,6 +559,8 @@ class GroupRNNSearchModel(FairseqEncoderDecoderModel):
             shuffle_layers=shuffle_layers,
             shuffle_time=shuffle_time,
             max_target_positions=args.max_target_positions,
+            cell=args.cell,
+            factorize_rank=args.factorize_rank,
         )
         model = cls(encoder, decoder)
         if args.init_uniform > 0:
@@ -559,6 +602,8 @@ def base_architecture(args):
     args.no_shuffle_layers = getattr(args, "no_shuffle_layers", False)
     args.no_shuffle_time = getattr(args, "no_shuffle_time", False)
     args.init_uniform = getattr(args, "init_uniform", 0.0)
+    args.cell = getattr(args, "cell", "lstm")
+    args.factorize_rank = getattr(args, "factorize_rank", 0)
     args.max_source_positions = getattr(args, "max_source_positions", DEFAULT_MAX_POSITIONS)
     args.max_target_positions = getattr(args, "max_target_positions", DEFAULT_MAX_POSITIONS)
 

@@ -1,5 +1,6 @@
 """Pure-PyTorch layers of grnn_fairseq (no fairseq import here)."""
 
+from .factorized_lstm import FactorizedLSTM, factorized_lstm_reference
 from .group_lstm import (
     GroupLSTM,
     GroupLSTMCell,
@@ -7,5 +8,20 @@ from .group_lstm import (
     group_lstm_reference,
     shuffle_permutation,
 )
+from .recurrent import CELLS, RECURRENT_LAYERS, recurrent_stack
+from .sru import SRU, sru_reference
 
-__all__ = ["GroupLSTM", "GroupLSTMCell", "channel_shuffle", "group_lstm_reference", "shuffle_permutation"]
+__all__ = [
+    "CELLS",
+    "FactorizedLSTM",
+    "GroupLSTM",
+    "GroupLSTMCell",
+    "RECURRENT_LAYERS",
+    "SRU",
+    "channel_shuffle",
+    "factorized_lstm_reference",
+    "group_lstm_reference",
+    "recurrent_stack",
+    "shuffle_permutation",
+    "sru_reference",
+]

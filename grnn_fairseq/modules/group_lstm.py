@@ -130,6 +130,11 @@ def set_fused(enabled: bool) -> bool:
     return previous
 
 
+def fused_enabled() -> bool:
+    """The setting of ``set_fused`` (GRNN_FUSED); the SRU layer's dispatch follows it too."""
+    return _FUSED
+
+
 def group_lstm_direction(
     x: Tensor,
     h: Tensor,

@@ -1,0 +1,49 @@
+"""scripts/designs_report.py and scripts/ablation_shuffle.py without training: every row's flags parse in this
+checkout (a typo would otherwise surface only in the lead's hours-long run), the two scripts share their runs,
+and the tables format what they are given."""
+
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+designs_report = pytest.importorskip("designs_report")
+ablation_shuffle = pytest.importorskip("ablation_shuffle")
+
+
+@pytest.mark.parametrize("task,common,rows", [
+    ("language_modeling", designs_report.LM_COMMON, designs_report.LM_ROWS),
+    ("translation", designs_report.NMT_COMMON, designs_report.NMT_ROWS),
+])  # fmt: skip
+def test_every_row_parses_and_unknown_flags_do_not(task, common, rows):
+    assert len({r.name for r in rows}) == len(rows)  # names are run folders: unique
+    for row in rows:
+        if row.name == "lightrnn":  # another branch adds its flags; the report lists it as not available
+            continue
+        assert designs_report.available(row, task, common), row
+    assert not designs_report.available(designs_report.Row("x", "x", ["--no-such-flag"]), task, common)
+    assert not designs_report.available(designs_report.Row("x", "x", [], task="no_such_task"), task, common)
+
+
+def test_ablation_runs_are_the_designs_report_rows():
+    names = {r.name: r.flags for r in designs_report.LM_ROWS}
+    for rearrangement in (False, True):
+        row = designs_report.lm_group_row(2, rearrangement)
+        assert names[row.name] == row.flags  # same folder, same flags: the run is shared
+    assert designs_report.lm_group_row(4, False).flags == [
+        "--decoder-groups", "4", "--no-shuffle-layers", "--no-shuffle-time"]  # fmt: skip
+
+
+def test_tables():
+    lm = {"task": "LM (Brown)", "model": "SRU", "recurrent_params": 394240, "params": 2960000, "wps": 2327.4,
+          "valid_ppl": 979.04, "test_ppl": 909.2}  # fmt: skip
+    nmt = {"task": "De-En (Ding)", "model": "SRU RNNSearch", "recurrent_params": 4463104, "params": 8957952,
+           "wps": 778.9, "best_valid_loss": 8.7761, "test_bleu": 0.08}  # fmt: skip
+    gone = {"task": "LM (Brown)", "model": "LightRNN", "unavailable": True}
+    lines = designs_report.table([lm, nmt, gone])
+    assert lines[2] == "| LM (Brown) | SRU | 0.39M | 2.96M | 2327 | ppl 979.0 | ppl 909.2 |"
+    assert lines[3] == "| De-En (Ding) | SRU RNNSearch | 4.46M | 8.96M | 779 | loss 8.776 (base 2) | BLEU 0.08 |"
+    assert "not available" in lines[4]
