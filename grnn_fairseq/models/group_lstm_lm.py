@@ -21,6 +21,7 @@ from fairseq.modules import AdaptiveSoftmax
 from torch import Tensor
 
 from grnn_fairseq.modules import GroupLSTM
+from grnn_fairseq.safeguards import check_dictionary_sizes
 
 DEFAULT_MAX_TARGET_POSITIONS = 100000
 
@@ -116,6 +117,12 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
             max_target_positions=args.max_target_positions,
         )
         return cls(decoder)
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's loading, after a check that names the dictionary when the vocabulary sizes differ."""
+        rows = len(self.decoder.dictionary)
+        check_dictionary_sizes(state_dict, {"decoder.embed_tokens.weight": ("language model", "dict.txt", rows)})
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
 class GroupLSTMLMDecoder(FairseqIncrementalDecoder):

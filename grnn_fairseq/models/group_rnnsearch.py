@@ -46,6 +46,7 @@ from fairseq.models import (
 from fairseq.modules import FairseqDropout
 
 from grnn_fairseq.modules import GroupLSTM, GroupLSTMCell, channel_shuffle
+from grnn_fairseq.safeguards import check_dictionary_sizes
 
 DEFAULT_MAX_POSITIONS = 1024  # the translation task's own default for --max-source/target-positions
 ATTENTION_TYPES = ("bahdanau", "luong")
@@ -520,6 +521,17 @@ class GroupRNNSearchModel(FairseqEncoderDecoderModel):
         if args.init_uniform > 0:
             model.init_uniform_(args.init_uniform)
         return model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's loading, after a check that names the dictionary when the vocabulary sizes differ."""
+        check_dictionary_sizes(
+            state_dict,
+            {
+                "encoder.embed_tokens.weight": ("source", "dict.<source-lang>.txt", len(self.encoder.dictionary)),
+                "decoder.embed_tokens.weight": ("target", "dict.<target-lang>.txt", len(self.decoder.dictionary)),
+            },
+        )
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     @torch.no_grad()
     def init_uniform_(self, a: float) -> None:
