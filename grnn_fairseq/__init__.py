@@ -2,8 +2,8 @@
 
 ``fairseq-train --user-dir grnn_fairseq ...`` imports this package, which registers every model in
 ``grnn_fairseq/models`` and installs the checks of ``grnn_fairseq/safeguards.py`` (clear errors for unreadable
-checkpoints, atomic checkpoint copies). ``grnn_fairseq.modules`` holds the pure-PyTorch layers and imports no
-fairseq.
+checkpoints and unsupported precision flags, atomic checkpoint copies). ``grnn_fairseq.modules`` holds the
+pure-PyTorch layers and imports no fairseq.
 """
 
 import argparse

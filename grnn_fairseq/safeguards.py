@@ -11,6 +11,9 @@ fairseq handles; it only changes what happens where fairseq would crash or corru
 * ``PathManager.copy`` of a ``.pt`` file to a local path (fairseq-train copies each checkpoint it writes to
   ``checkpoint_last.pt`` and ``checkpoint_best.pt``) copies to ``NAME.tmp`` and renames, as fairseq's own save
   does: a process killed mid-copy leaves the previous complete checkpoint, never a truncated one.
+* ``Trainer.__init__`` checks the precision flags first: ``--fp16`` without a CUDA GPU and ``--tpu`` (which
+  fairseq's command line turns on with ``--bf16``) without torch_xla raise a ValueError naming the flag, before
+  fairseq fails inside torch.cuda or torch_xla.
 """
 
 import functools
@@ -19,8 +22,10 @@ import pickle
 import zipfile
 from typing import Optional
 
+import torch
 from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager
+from fairseq.trainer import Trainer
 
 
 _CUT_SHORT = ", as a process killed or a disk filling up while the file was written leaves it"
@@ -104,12 +109,56 @@ def _atomic_pt_copy(copy):
     return atomic_copy
 
 
+def _has_torch_xla() -> bool:
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_precision_flags(cfg) -> None:
+    """Raise a ValueError naming the flag when this machine cannot run the requested precision.
+
+    fairseq's command line turns on ``--tpu`` with ``--bf16`` and ``--memory-efficient-bf16`` (options.py), so
+    in fairseq 0.12 those flags mean TPU training. ``--memory-efficient-fp16`` does run on CPU (the model in
+    float16, slowly) and ``--amp`` on CPU trains in float32 (torch.cuda.amp is disabled there): both pass.
+    """
+    common = cfg.common
+    if common.tpu and not _has_torch_xla():
+        flag = "--bf16" if common.bf16 else "--tpu"
+        raise ValueError(
+            f"{flag}: fairseq's command line turns on --tpu with --bf16 and --memory-efficient-bf16, and TPU "
+            f"training needs torch_xla, which is not installed. On a CUDA GPU use --fp16 or --amp; on a CPU "
+            f"train in float32 (drop {flag})."
+        )
+    cuda = torch.cuda.is_available() and not common.cpu
+    if common.fp16 and not common.memory_efficient_fp16 and not common.tpu and not cuda:
+        where = "--cpu is set" if common.cpu else "torch sees no CUDA GPU"
+        raise ValueError(
+            f"--fp16 needs a CUDA GPU ({where}): fairseq's FP16 optimizer keeps its loss scale on the GPU. "
+            f"Drop --fp16 to train in float32 on this machine."
+        )
+
+
+def _checked_trainer_init(init):
+    @functools.wraps(init)
+    def __init__(self, cfg, *args, **kwargs):
+        check_precision_flags(cfg)
+        init(self, cfg, *args, **kwargs)
+
+    __init__.grnn_checked = True
+    return __init__
+
+
 def install() -> None:
     """Install the wrappers (idempotent: importing the plugin twice wraps nothing twice)."""
     if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "grnn_checked", False):
         checkpoint_utils.load_checkpoint_to_cpu = _checked_load_checkpoint_to_cpu(checkpoint_utils.load_checkpoint_to_cpu)
     if not getattr(PathManager.copy, "grnn_checked", False):
         PathManager.copy = staticmethod(_atomic_pt_copy(PathManager.copy))
+    if not getattr(Trainer.__init__, "grnn_checked", False):
+        Trainer.__init__ = _checked_trainer_init(Trainer.__init__)
 
 
 def check_dictionary_sizes(state_dict, expected) -> None:
