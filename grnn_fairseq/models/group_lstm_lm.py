@@ -18,6 +18,7 @@ from fairseq.models import (
     register_model_architecture,
 )
 from fairseq.modules import AdaptiveSoftmax
+from fairseq.tasks.translation import TranslationTask
 from torch import Tensor
 
 from grnn_fairseq.modules import GroupLSTM
@@ -85,6 +86,11 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         base_architecture(args)
+        if isinstance(task, TranslationTask):
+            raise ValueError(
+                f"--arch {args.arch} is a language model: it needs --task language_modeling (monolingual data, "
+                f"fairseq-preprocess --only-source), not --task translation (use --arch group_rnnsearch there)"
+            )
         check_groups(args, "--decoder-groups", ["--decoder-embed-dim", "--decoder-hidden-size"])
         if args.share_decoder_input_output_embed:
             if args.adaptive_softmax_cutoff is not None:
@@ -94,7 +100,7 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
                     f"--share-decoder-input-output-embed needs --decoder-out-embed-dim "
                     f"({args.decoder_out_embed_dim}) == --decoder-embed-dim ({args.decoder_embed_dim})"
                 )
-        if args.max_target_positions is None:
+        if getattr(args, "max_target_positions", None) is None:
             args.max_target_positions = getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
         cutoff = None
         if args.adaptive_softmax_cutoff is not None:
@@ -242,7 +248,8 @@ def base_architecture(args):
     args.no_shuffle_time = getattr(args, "no_shuffle_time", False)
     args.variational_dropout = getattr(args, "variational_dropout", False)
     args.adaptive_softmax_cutoff = getattr(args, "adaptive_softmax_cutoff", None)
-    args.max_target_positions = getattr(args, "max_target_positions", None)
+    # --max-target-positions: none here; build_model takes --tokens-per-sample. (A None here would also reach
+    # --task translation's config, which refuses it before build_model can say that the task is wrong.)
 
 
 @register_model_architecture("group_lstm_lm", "group_lstm_lm_ptb")

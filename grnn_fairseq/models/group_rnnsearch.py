@@ -44,6 +44,7 @@ from fairseq.models import (
     register_model_architecture,
 )
 from fairseq.modules import FairseqDropout
+from fairseq.tasks.language_modeling import LanguageModelingTask
 
 from grnn_fairseq.modules import GroupLSTM, GroupLSTMCell, channel_shuffle
 from grnn_fairseq.safeguards import check_dictionary_sizes
@@ -388,6 +389,11 @@ def check_args(args, task) -> None:
         if size % groups != 0:
             raise ValueError(f"{groups_flag} {groups} does not divide {size_flag} {size}")
 
+    if isinstance(task, LanguageModelingTask):
+        raise ValueError(
+            f"--arch {args.arch} is an encoder-decoder model: it needs --task translation (parallel data), "
+            f"not --task language_modeling (use --arch group_lstm_lm for a language model)"
+        )
     if args.attention_type not in ATTENTION_TYPES:
         raise ValueError(f"--attention-type must be one of {', '.join(ATTENTION_TYPES)}, got {args.attention_type!r}")
     for flag, value in (("--encoder-layers", args.encoder_layers), ("--decoder-layers", args.decoder_layers)):
