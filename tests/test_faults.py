@@ -259,20 +259,22 @@ def test_sigkill_mid_run_resumes_from_the_last_saved_update(word_reversal, tmp_p
     assert "done training" not in killed_log
     saved = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     k = saved["optimizer_history"][-1]["num_updates"]
-    assert k in (10, 20, 30, 40)  # the last checkpoint written before the kill (normally 10)
-    ref_at_k = torch.load(tmp_path / "reference" / f"checkpoint_{saved['extra_state']['train_iterator']['epoch']}_{k}.pt",
-                          map_location="cpu", weights_only=False)  # fmt: skip
-    assert saved["extra_state"]["train_iterator"] == ref_at_k["extra_state"]["train_iterator"]
+    assert 10 <= k < 45  # the last checkpoint written before the kill: 10, unless the kill came late
+    epoch = saved["extra_state"]["train_iterator"]["epoch"]
+    ref_at_k = tmp_path / "reference" / f"checkpoint_{epoch}_{k}.pt"  # absent only for an end-of-epoch save
+    if ref_at_k.exists():
+        ref_at_k = torch.load(ref_at_k, map_location="cpu", weights_only=False)
+        assert all(torch.equal(ref_at_k["model"][n], saved["model"][n]) for n in saved["model"])
+        assert saved["extra_state"]["train_iterator"] == ref_at_k["extra_state"]["train_iterator"]
 
     resumed = subprocess.run(kill_resume_command(word_reversal.bin, save), env=env, cwd=ROOT, capture_output=True,
                              text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     resumed_log = resumed.stdout + resumed.stderr
-    epoch = saved["extra_state"]["train_iterator"]["epoch"]
     assert re.search(rf"Loaded checkpoint \S+/checkpoint_last\.pt \(epoch {epoch} @ {k} updates\)", resumed_log)
     # every logged update after the resume point: the same loss, learning rate and gradient norm as without the kill
     ref_lines, resumed_lines = train_inner_lines(reference.stdout + reference.stderr), train_inner_lines(resumed_log)
-    assert min(resumed_lines) == k + 5 and resumed_lines == {u: v for u, v in ref_lines.items() if u > k}
+    assert min(resumed_lines) == (k // 5 + 1) * 5 and resumed_lines == {u: v for u, v in ref_lines.items() if u > k}
 
     # the end state is bit for bit the uninterrupted run's: weights, Adam moments and step, lr scheduler, data position
     ref = torch.load(tmp_path / "reference" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
