@@ -48,6 +48,9 @@ setup(
         "sacremoses",
         "matplotlib",
         "scipy",
+        # --tensorboard-logdir: fairseq writes TensorBoard logs through torch.utils.tensorboard (needs the large
+        # tensorboard package) or else tensorboardX (~0.1 MB, + protobuf); without either it only warns
+        "tensorboardX",
     ],
     extras_require={
         "test": ["pytest"],

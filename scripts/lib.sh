@@ -201,8 +201,45 @@ bpe_and_binarize() {
     binarize "$bin" "$bpe/train" "$bpe/valid" "$bpe/test" --source-lang "$src" --target-lang "$tgt" "$@"
 }
 
-# binarize BIN_DIR TRAIN_PREFIX VALID_PREFIX TEST_PREFIX FAIRSEQ_PREPROCESS_FLAGS...: fairseq-preprocess
-# into BIN_DIR (skipped when BIN_DIR/preprocess.log exists, which fairseq writes last).
+# check_text_files TRAIN_PREFIX VALID_PREFIX TEST_PREFIX FAIRSEQ_PREPROCESS_FLAGS...: run `textprep check` on
+# the files fairseq-preprocess is about to read, and stop, each bad FILE:LINE named, on what fairseq would
+# binarize or train on wrongly without a word: invalid UTF-8, a \r inside a line, parallel files of different
+# lengths, empty lines (allowed in language-model text, where they separate paragraphs), parallel lines longer
+# than MAX_POSITIONS - 1 tokens (default 1024, fairseq's --max-source-positions). Tokens of valid/test that
+# never occur in train (they become <unk>) are warnings. DATA_CHECK=warn reports all this and goes on.
+check_text_files() {
+    local train="$1" valid="$2" test="$3" src="" tgt="" joined=() flags=() files=() prefix
+    shift 3
+    while (( $# )); do
+        case "$1" in
+            --source-lang) src="${2:-}"; shift ;;
+            --target-lang) tgt="${2:-}"; shift ;;
+            --joined-dictionary) joined=(--joined) ;;
+        esac
+        (( $# )) && shift
+    done
+    if [[ -n "$tgt" ]]; then
+        for prefix in "$train" "$valid" "$test"; do
+            files+=("$prefix.$src" "$prefix.$tgt")
+        done
+        flags=(--parallel --max-positions "${MAX_POSITIONS:-1024}")
+    else
+        for prefix in "$train" "$valid" "$test"; do
+            files+=("$prefix${src:+.$src}")
+        done
+        flags=(--allow-empty)
+    fi
+    log "checking ${files[*]}"
+    if ! textprep check "${flags[@]}" --vocab-from-first "${joined[@]}" "${files[@]}"; then
+        [[ "${DATA_CHECK:-error}" == warn ]] \
+            || die "fix the lines named above before binarizing (DATA_CHECK=warn binarizes anyway)"
+        log "DATA_CHECK=warn: binarizing despite the problems above"
+    fi
+}
+
+# binarize BIN_DIR TRAIN_PREFIX VALID_PREFIX TEST_PREFIX FAIRSEQ_PREPROCESS_FLAGS...: check the text files
+# (check_text_files), then fairseq-preprocess into BIN_DIR (skipped when BIN_DIR/preprocess.log exists, which
+# fairseq writes last).
 binarize() {
     local bin="$1" train="$2" valid="$3" test="$4"
     shift 4
@@ -210,6 +247,7 @@ binarize() {
         log "binarized already: $bin"
         return
     fi
+    check_text_files "$train" "$valid" "$test" "$@"
     local preprocess
     preprocess="$(fairseq_tool fairseq-preprocess)"
     log "binarizing $train, $valid, $test -> $bin"

@@ -98,6 +98,7 @@ else
     else
         PREPROCESS="$(fairseq_tool fairseq-preprocess)"  # FAIRSEQ_BIN dir, beside $PYTHON, or PATH
     fi
+    check_text_files "$PTB_DIR/train.txt" "$PTB_DIR/valid.txt" "$PTB_DIR/test.txt" --only-source
     log "step 3/3: binarizing with $PREPROCESS into $BIN_DIR"
     rm -rf "$BIN_DIR.tmp"
     "$PREPROCESS" --only-source \

@@ -21,12 +21,17 @@ Subcommands (``python scripts/textprep.py SUBCOMMAND --help`` for the flags):
 ``gigaword``      Rush et al. (2015) normalization of the Gigaword ``sumdata`` release: lowercase,
                   digits to ``#``, ``UNK`` to fairseq's ``<unk>``.
 ``gen-extract``   Hypotheses, sources and references of a ``fairseq-generate`` log, in sentence-id order.
+``check``         Text that fairseq-preprocess would binarize wrongly or fairseq would train on wrongly, named by
+                  file and line before any work is spent on it: invalid UTF-8, a carriage return inside a
+                  line, empty lines, lines too long for the model, parallel files of different lengths,
+                  tokens outside the vocabulary.
 ``rouge``         ROUGE-1/2/L F1 with Google's ``rouge-score`` package.
 """
 
 import argparse
 import gzip
 import html
+import itertools
 import json
 import multiprocessing
 import os
@@ -403,6 +408,144 @@ def rouge_f1(refs, hyps, stemmer=True):
     return {name: 100.0 * totals[name] / max(1, len(refs)) for name in ("rouge1", "rouge2", "rougeL")}
 
 
+# -------------------------------------------------------------------------------------- check
+
+
+# what each problem does in fairseq, printed once after its first occurrence
+_CHECK_WHY = {
+    "utf-8": "fairseq-preprocess stops with a UnicodeDecodeError on such a line; re-encode the file "
+             "(iconv -f LATIN1 -t UTF-8, say)",
+    "carriage return": "fairseq-preprocess reads a \\r as a line break, so the file gets an extra line and every "
+                       "later line is paired with the wrong one",
+    "length": "fairseq-preprocess binarizes parallel files of different lengths without a word and pairs line i "
+              "with line i, so every pair after the first missing or extra line is misaligned",
+    "empty": "fairseq trains on an empty line, or translates it, as a sentence of only </s>",
+    "too long": "fairseq-train skips training pairs longer than --max-source-positions / --max-target-positions "
+                "with a warning, and stops on such valid/test sentences (so does fairseq-generate) unless "
+                "--skip-invalid-size-inputs-valid-test is given; raise those flags, or shorten or drop the lines",
+    "unknown token": "fairseq maps a token outside the dictionary to <unk>",
+}
+
+
+class TextReport:
+    """Problems found in text files, each with its FILE:LINE; prints at most ``shown`` per kind and file."""
+
+    def __init__(self, shown=10):
+        self.shown = shown
+        self.errors = 0
+        self.warnings = 0
+        self._counts = Counter()
+        self._explained = set()
+
+    def add(self, path, line_no, kind, message, error=True):
+        key = (path, kind)
+        self._counts[key] += 1
+        if error:
+            self.errors += 1
+        else:
+            self.warnings += 1
+        n = self._counts[key]
+        label = "error" if error else "warning"
+        if n <= self.shown:
+            log(f"check: {label}: {path}:{line_no}: {message}")
+            if kind not in self._explained:
+                self._explained.add(kind)
+                log(f"check:   ({_CHECK_WHY[kind]})")
+        elif n == self.shown + 1:
+            log(f"check: {label}: {path}: more lines with this problem ({kind}); only the first {self.shown} are shown")
+
+    def total(self, path, kind):
+        return self._counts[(path, kind)]
+
+
+def decoded_lines(path, report):
+    """Yield (line number, text) of ``path`` decoded from UTF-8, split on ``\\n`` only, streaming.
+
+    Invalid UTF-8 is reported and the line decoded with replacement characters; a line ending in ``\\r\\n``
+    loses its ``\\r`` (Python's universal newlines, which fairseq reads with, take it as one line break).
+    """
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            raw = raw[:-1] if raw.endswith(b"\r") else raw
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                report.add(path, line_no, "utf-8", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})")
+                text = raw.decode("utf-8", errors="replace")
+            if "\r" in text:
+                report.add(path, line_no, "carriage return", "carriage return (\\r) inside the line")
+            yield line_no, text
+
+
+def read_dictionary(path):
+    """The symbols of a fairseq ``dict.txt`` (``SYMBOL COUNT [#fairseq:overwrite]`` per line)."""
+    with open(path, encoding="utf-8") as f:
+        return {line.rstrip("\n").rsplit(" ", 1)[0] for line in f if line.strip()}
+
+
+def check_texts(files, parallel=False, max_positions=None, allow_empty=False, vocab=None, vocab_from_first=False,
+                joined=False, shown=10):
+    """Check text files before fairseq-preprocess, streaming; returns the :class:`TextReport`.
+
+    ``parallel``: ``files`` are pairs (source, target), line i of one translating line i of the other.
+    ``max_positions``: a line of n tokens is n + 1 positions (fairseq appends ``</s>``); longer is an error.
+    ``vocab``: tokens outside it are warnings (fairseq maps them to ``<unk>``). ``vocab_from_first``: the first
+    file (pair) is the training data, whose tokens (per side, or both sides with ``joined``) are the
+    vocabulary of the others.
+    """
+    if parallel and len(files) % 2:
+        raise SystemExit("check --parallel wants pairs of files: SRC TGT [SRC TGT ...]")
+    report = TextReport(shown)
+    groups = [files[i:i + 2] for i in range(0, len(files), 2)] if parallel else [[path] for path in files]
+    width = len(groups[0])
+    train_vocab = [set() for _ in range(width)]
+    for g, group in enumerate(groups):
+        if vocab is not None:
+            known = [vocab] * width
+        elif vocab_from_first and g > 0:
+            known = [set().union(*train_vocab)] * width if joined else train_vocab
+        else:
+            known = [None] * width
+        collect = vocab_from_first and vocab is None and g == 0
+        unknown = [Counter() for _ in group]
+        n_tokens, n_lines = [0] * width, [0] * width
+        for items in itertools.zip_longest(*(decoded_lines(path, report) for path in group)):
+            for side, item in enumerate(items):
+                if item is None:
+                    continue
+                path, (line_no, text) = group[side], item
+                n_lines[side] = line_no
+                tokens = text.split()
+                n_tokens[side] += len(tokens)
+                if not tokens:
+                    pair = f" (its pair: {group[1 - side]}:{line_no})" if width == 2 and items[1 - side] else ""
+                    report.add(path, line_no, "empty", f"empty line{pair}", error=not allow_empty)
+                if max_positions is not None and len(tokens) + 1 > max_positions:
+                    report.add(path, line_no, "too long", f"{len(tokens)} tokens + </s> = {len(tokens) + 1} positions "
+                                                          f"> --max-positions {max_positions}")
+                if collect:
+                    train_vocab[side].update(tokens)
+                elif known[side] is not None:
+                    for tok in tokens:
+                        if tok not in known[side]:
+                            if tok not in unknown[side]:
+                                report.add(path, line_no, "unknown token", f"{tok!r} is not in the vocabulary",
+                                           error=False)
+                            unknown[side][tok] += 1
+        if width == 2 and n_lines[0] != n_lines[1]:
+            (a, b), (na, nb) = group, n_lines
+            report.add(a if na > nb else b, min(na, nb) + 1, "length",
+                       f"no pair: {a} has {na} lines but its parallel file {b} has {nb}")
+        for side, path in enumerate(group):
+            if unknown[side]:
+                total = sum(unknown[side].values())
+                log(f"check: warning: {path}: {total} of {n_tokens[side]} tokens "
+                    f"({100 * total / max(1, n_tokens[side]):.2f}%, {len(unknown[side])} distinct) are outside the "
+                    f"vocabulary and become <unk>")
+    return report
+
+
 # ---------------------------------------------------------------------------------- commands
 
 
@@ -494,6 +637,17 @@ def cmd_rouge(args):
     print(" ".join(f"{labels[name]} {value:.2f}" for name, value in scores.items()))
 
 
+def cmd_check(args):
+    vocab = read_dictionary(args.dict) if args.dict else None
+    report = check_texts(args.files, parallel=args.parallel, max_positions=args.max_positions,
+                         allow_empty=args.allow_empty, vocab=vocab, vocab_from_first=args.vocab_from_first,
+                         joined=args.joined, shown=args.shown)
+    if report.errors:
+        raise SystemExit(f"[textprep] check: {report.errors} error(s) in {', '.join(args.files)} "
+                         f"(each named above with FILE:LINE)")
+    log(f"check: {len(args.files)} file(s) ok" + (f", {report.warnings} warning(s)" if report.warnings else ""))
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -562,6 +716,20 @@ def build_parser():
     s.add_argument("prefix")
     s.add_argument("--expect", type=int, default=None, help="fail unless ids are exactly 0..EXPECT-1")
     s.set_defaults(func=cmd_gen_extract)
+
+    s = sub.add_parser("check", help="problems fairseq would not report (or report deep in a traceback), "
+                                      "by FILE:LINE; exit status 1 on errors")
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s.add_argument("--parallel", action="store_true", help="FILEs are pairs: SRC TGT [SRC TGT ...]")
+    s.add_argument("--max-positions", type=int, default=None, metavar="N",
+                   help="error for a line of more than N - 1 tokens (fairseq's --max-source-positions is 1024)")
+    s.add_argument("--allow-empty", action="store_true", help="empty lines are warnings, not errors")
+    s.add_argument("--dict", metavar="DICT", help="warn about tokens not in this fairseq dict.txt")
+    s.add_argument("--vocab-from-first", action="store_true",
+                   help="the first FILE (pair) is the training data: warn about tokens of the others not in it")
+    s.add_argument("--joined", action="store_true", help="with --vocab-from-first: one vocabulary for both sides")
+    s.add_argument("--shown", type=int, default=10, help="lines shown per problem and file")
+    s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("rouge", help="ROUGE-1/2/L F1 (%%) of HYP against REF (rouge-score package)")
     s.add_argument("ref")

@@ -26,11 +26,13 @@ from fairseq.models import (
     register_model_architecture,
 )
 from fairseq.modules import AdaptiveSoftmax
+from fairseq.tasks.translation import TranslationTask
 from torch import Tensor
 
 from grnn_fairseq.modules import CELLS, recurrent_stack
 from grnn_fairseq.modules.lightrnn import LightRNNVocabulary
 from grnn_fairseq.modules.linear import Linear, linear
+from grnn_fairseq.safeguards import check_dictionary_sizes
 
 DEFAULT_MAX_TARGET_POSITIONS = 100000
 LIGHTRNN_TASK = "lightrnn_language_modeling"  # registered in grnn_fairseq/tasks
@@ -109,6 +111,11 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         base_architecture(args)
+        if isinstance(task, TranslationTask):
+            raise ValueError(
+                f"--arch {args.arch} is a language model: it needs --task language_modeling (monolingual data, "
+                f"fairseq-preprocess --only-source), not --task translation (use --arch group_rnnsearch there)"
+            )
         check_groups(args, "--decoder-groups", ["--decoder-embed-dim", "--decoder-hidden-size"])
         check_cell(args, ["--decoder-groups"])
         if args.share_decoder_input_output_embed:
@@ -130,7 +137,7 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
                 )
         elif args.lightrnn_rows is not None:
             raise ValueError("--lightrnn-rows needs --lightrnn")
-        if args.max_target_positions is None:
+        if getattr(args, "max_target_positions", None) is None:
             args.max_target_positions = getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
         cutoff = None
         if args.adaptive_softmax_cutoff is not None:
@@ -158,6 +165,12 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
             factorize_rank=args.factorize_rank,
         )
         return cls(decoder)
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's loading, after a check that names the dictionary when the vocabulary sizes differ."""
+        rows = len(self.decoder.dictionary)
+        check_dictionary_sizes(state_dict, {"decoder.embed_tokens.weight": ("language model", "dict.txt", rows)})
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
 def check_cell(args, groups_flags) -> None:
@@ -327,7 +340,8 @@ def base_architecture(args):
     args.cell = getattr(args, "cell", "lstm")
     args.factorize_rank = getattr(args, "factorize_rank", 0)
     args.adaptive_softmax_cutoff = getattr(args, "adaptive_softmax_cutoff", None)
-    args.max_target_positions = getattr(args, "max_target_positions", None)
+    # --max-target-positions: none here; build_model takes --tokens-per-sample. (A None here would also reach
+    # --task translation's config, which refuses it before build_model can say that the task is wrong.)
     args.lightrnn = getattr(args, "lightrnn", False)
     args.lightrnn_rows = getattr(args, "lightrnn_rows", None)
 

@@ -49,11 +49,13 @@ from fairseq.models import (
     register_model_architecture,
 )
 from fairseq.modules import FairseqDropout
+from fairseq.tasks.language_modeling import LanguageModelingTask
 
 from grnn_fairseq.models.group_lstm_lm import check_cell
 from grnn_fairseq.modules import CELLS, RECURRENT_LAYERS, GroupLSTMCell, channel_shuffle, recurrent_stack
 from grnn_fairseq.modules.activations import tanh
 from grnn_fairseq.modules.linear import Linear, reuse_packed_weights
+from grnn_fairseq.safeguards import check_dictionary_sizes
 
 DEFAULT_MAX_POSITIONS = 1024  # the translation task's own default for --max-source/target-positions
 ATTENTION_TYPES = ("bahdanau", "luong")
@@ -419,6 +421,11 @@ def check_args(args, task) -> None:
         if size % groups != 0:
             raise ValueError(f"{groups_flag} {groups} does not divide {size_flag} {size}")
 
+    if isinstance(task, LanguageModelingTask):
+        raise ValueError(
+            f"--arch {args.arch} is an encoder-decoder model: it needs --task translation (parallel data), "
+            f"not --task language_modeling (use --arch group_lstm_lm for a language model)"
+        )
     if args.attention_type not in ATTENTION_TYPES:
         raise ValueError(f"--attention-type must be one of {', '.join(ATTENTION_TYPES)}, got {args.attention_type!r}")
     for flag, value in (("--encoder-layers", args.encoder_layers), ("--decoder-layers", args.decoder_layers)):
@@ -566,6 +573,17 @@ class GroupRNNSearchModel(FairseqEncoderDecoderModel):
         if args.init_uniform > 0:
             model.init_uniform_(args.init_uniform)
         return model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's loading, after a check that names the dictionary when the vocabulary sizes differ."""
+        check_dictionary_sizes(
+            state_dict,
+            {
+                "encoder.embed_tokens.weight": ("source", "dict.<source-lang>.txt", len(self.encoder.dictionary)),
+                "decoder.embed_tokens.weight": ("target", "dict.<target-lang>.txt", len(self.decoder.dictionary)),
+            },
+        )
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     @torch.no_grad()
     def init_uniform_(self, a: float) -> None:

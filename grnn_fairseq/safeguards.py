@@ -1,0 +1,179 @@
+"""Clear errors where fairseq would fail deep inside a library, and atomic checkpoint copies.
+
+``grnn_fairseq/__init__.py`` calls :func:`install` when fairseq imports the plugin (``--user-dir grnn_fairseq``),
+before any checkpoint is loaded or any trainer is built. Each wrapper keeps fairseq's behaviour for every input
+fairseq handles; it only changes what happens where fairseq would crash or corrupt a file:
+
+* ``checkpoint_utils.load_checkpoint_to_cpu`` (every checkpoint load: fairseq-train's ``checkpoint_last.pt`` and
+  ``--restore-file``, ``--path`` of fairseq-generate / interactive / eval-lm, ``from_pretrained``): a
+  truncated, empty or foreign file raises :class:`CheckpointError` naming the file and what is wrong with it,
+  instead of a traceback inside pickle or torch's zip reader. Good files load exactly as before.
+* ``PathManager.copy`` of a ``.pt`` file to a local path (fairseq-train copies each checkpoint it writes to
+  ``checkpoint_last.pt`` and ``checkpoint_best.pt``) copies to ``NAME.tmp`` and renames, as fairseq's own save
+  does: a process killed mid-copy leaves the previous complete checkpoint, never a truncated one.
+* ``Trainer.__init__`` checks the precision flags first: ``--fp16`` without a CUDA GPU and ``--tpu`` (which
+  fairseq's command line turns on with ``--bf16``) without torch_xla raise a ValueError naming the flag, before
+  fairseq fails inside torch.cuda or torch_xla.
+"""
+
+import functools
+import os
+import pickle
+import zipfile
+from typing import Optional
+
+import torch
+from fairseq import checkpoint_utils
+from fairseq.file_io import PathManager
+from fairseq.trainer import Trainer
+
+
+_CUT_SHORT = ", as a process killed or a disk filling up while the file was written leaves it"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read: empty, truncated, corrupt, or not a PyTorch file at all."""
+
+
+def unreadable_reason(path: str, error: Optional[BaseException] = None) -> Optional[str]:
+    """Why the file at ``path`` is not a readable PyTorch checkpoint, or None when its container is intact.
+
+    ``error`` is what ``torch.load`` raised, used for the legacy (pickle, pre-1.6) format, whose integrity
+    cannot be checked without unpickling. Reads the whole file for zip checkpoints (CRC of every member): call
+    it only after loading failed.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return f"is empty (0 bytes){_CUT_SHORT}"
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic.startswith(b"PK"):  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad_member = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as zip_error:
+            return f"is a truncated or damaged zip archive ({size:,} bytes; zipfile: {zip_error}){_CUT_SHORT}"
+        if bad_member is not None:
+            return f"is corrupt: its member {bad_member} fails the CRC check{_CUT_SHORT}"
+        return None
+    if magic[:1] == b"\x80":  # a pickle: torch.save's legacy format
+        weights_only_refusal = "Weights only load failed" in str(error)  # an intact file with unlisted classes
+        cut_short = isinstance(error, RuntimeError) and "unexpected EOF" in str(error)  # a tensor's bytes missing
+        if (isinstance(error, (EOFError, pickle.UnpicklingError)) and not weights_only_refusal) or cut_short:
+            return f"is truncated or corrupt (legacy pickle format, {size:,} bytes: {error}){_CUT_SHORT}"
+        return None
+    return f"is not a PyTorch checkpoint (it starts with the bytes {magic!r}, neither a zip archive nor a pickle)"
+
+
+def _local_file(path: str) -> Optional[str]:
+    """The local file behind ``path`` when there is one (remote paths are left to fairseq's own errors)."""
+    if PathManager.path_requires_pathmanager(path) or not os.path.isfile(path):
+        return None
+    return path
+
+
+def _checked_load_checkpoint_to_cpu(load):
+    @functools.wraps(load)
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        try:
+            return load(path, *args, **kwargs)
+        except Exception as error:
+            local = _local_file(path)
+            reason = unreadable_reason(local, error) if local is not None else None
+            if reason is None:
+                raise
+            message = (
+                f"checkpoint {path} {reason}. It cannot be loaded: use another checkpoint (fairseq-train: "
+                f"--restore-file FILE; fairseq-generate and the others: --path FILE), or move this one away "
+                f"to train from scratch."
+            )
+        raise CheckpointError(message) from None  # raised outside `except`: no pickle traceback attached
+
+    load_checkpoint_to_cpu.grnn_checked = True
+    return load_checkpoint_to_cpu
+
+
+def _atomic_pt_copy(copy):
+    @functools.wraps(copy)
+    def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False):
+        if not str(dst_path).endswith(".pt") or not PathManager.supports_rename(dst_path):
+            return copy(src_path, dst_path, overwrite)
+        if os.path.exists(dst_path) and not overwrite:
+            return copy(src_path, dst_path, overwrite)  # fairseq's own answer to an existing target
+        tmp = f"{dst_path}.tmp"
+        result = copy(src_path, tmp, True)
+        os.replace(tmp, dst_path)  # atomic on POSIX: readers see the old file or the new one, never a part
+        return result
+
+    atomic_copy.grnn_checked = True
+    return atomic_copy
+
+
+def _has_torch_xla() -> bool:
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_precision_flags(cfg) -> None:
+    """Raise a ValueError naming the flag when this machine cannot run the requested precision.
+
+    fairseq's command line turns on ``--tpu`` with ``--bf16`` and ``--memory-efficient-bf16`` (options.py), so
+    in fairseq 0.12 those flags mean TPU training. ``--memory-efficient-fp16`` does run on CPU (the model in
+    float16, slowly) and ``--amp`` on CPU trains in float32 (torch.cuda.amp is disabled there): both pass.
+    """
+    common = cfg.common
+    if common.tpu and not _has_torch_xla():
+        flag = "--bf16" if common.bf16 else "--tpu"
+        raise ValueError(
+            f"{flag}: fairseq's command line turns on --tpu with --bf16 and --memory-efficient-bf16, and TPU "
+            f"training needs torch_xla, which is not installed. On a CUDA GPU use --fp16 or --amp; on a CPU "
+            f"train in float32 (drop {flag})."
+        )
+    cuda = torch.cuda.is_available() and not common.cpu
+    if common.fp16 and not common.memory_efficient_fp16 and not common.tpu and not cuda:
+        where = "--cpu is set" if common.cpu else "torch sees no CUDA GPU"
+        raise ValueError(
+            f"--fp16 needs a CUDA GPU ({where}): fairseq's FP16 optimizer keeps its loss scale on the GPU. "
+            f"Drop --fp16 to train in float32 on this machine."
+        )
+
+
+def _checked_trainer_init(init):
+    @functools.wraps(init)
+    def __init__(self, cfg, *args, **kwargs):
+        check_precision_flags(cfg)
+        init(self, cfg, *args, **kwargs)
+
+    __init__.grnn_checked = True
+    return __init__
+
+
+def install() -> None:
+    """Install the wrappers (idempotent: importing the plugin twice wraps nothing twice)."""
+    if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "grnn_checked", False):
+        checkpoint_utils.load_checkpoint_to_cpu = _checked_load_checkpoint_to_cpu(checkpoint_utils.load_checkpoint_to_cpu)
+    if not getattr(PathManager.copy, "grnn_checked", False):
+        PathManager.copy = staticmethod(_atomic_pt_copy(PathManager.copy))
+    if not getattr(Trainer.__init__, "grnn_checked", False):
+        Trainer.__init__ = _checked_trainer_init(Trainer.__init__)
+
+
+def check_dictionary_sizes(state_dict, expected) -> None:
+    """Before ``load_state_dict``: say so, naming the dictionary, when a checkpoint's vocabulary differs.
+
+    ``expected``: {parameter name: (which dictionary, its file in the data directory, rows in this model)}.
+    Without this, torch reports a size mismatch of some weight, which does not say that the data directory
+    (its dict.*.txt) is not the one the checkpoint was trained with.
+    """
+    for name, (which, dict_file, rows) in expected.items():
+        weight = state_dict.get(name)
+        if weight is not None and weight.size(0) != rows:
+            raise ValueError(
+                f"dictionary size mismatch: the checkpoint was trained with a {which} dictionary of "
+                f"{weight.size(0)} symbols ({name} is {' x '.join(map(str, weight.shape))}), but the "
+                f"{which} dictionary loaded now ({dict_file} of the data directory) has {rows}. Give the data "
+                f"directory the checkpoint was trained with (the DATA argument; data_name_or_path= in from_pretrained)."
+            )
