@@ -17,11 +17,12 @@ def version() -> str:
 # The fused GroupLSTM's pointwise step in C (grnn_fairseq/csrc/group_lstm_step.c), loaded with ctypes by
 # grnn_fairseq/modules/_kernel.py. Optional: without a C compiler the install goes on and the same step runs in
 # PyTorch operations. No Python or torch headers, so it builds in about a second. -fno-trapping-math lets gcc
-# vectorize the gate math; it does not change any result.
+# vectorize the gate math; it does not change any result. -fopenmp splits a step's rows over torch's threads.
 STEP_KERNEL = Extension(
     "grnn_fairseq._group_lstm_step",
     sources=["grnn_fairseq/csrc/group_lstm_step.c"],
-    extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],
+    extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
+    extra_link_args=["-fopenmp"],  # libgomp.so.1: at run time the one torch has loaded, so one thread pool
     optional=True,
 )
 

@@ -7,8 +7,9 @@
  * PyTorch operations is the loop body of ``_forward`` / ``FusedGroupLSTMFunction.backward``; tests compare the two.
  *
  * Plain C, no Python or torch headers: setup.py builds it as an optional extension (a failed build leaves the
- * PyTorch operations in charge) and grnn_fairseq/modules/_kernel.py loads it with ctypes. Single threaded: a
- * step's pointwise work is about 0.1 ms, far below what a thread pool hand-off would save.
+ * PyTorch operations in charge) and grnn_fairseq/modules/_kernel.py loads it with ctypes. A step's rows are
+ * split over torch's OpenMP threads: built with -fopenmp, the library needs libgomp.so.1, which the process
+ * already has loaded with torch, so both share one thread pool.
  *
  * Layouts (float32, group-major; k = group, b = batch row, u = unit of the group, Hk = H/K, G4 = 4 Hk):
  *   z[k] + b*z_ld + q*Hk + u  pre-activation of gate q (i, f, g, o) at (k, b, u); the g rows are doubled by the
@@ -22,6 +23,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* below this many units (K*B*Hk) per thread a step is not worth splitting */
+#define MIN_UNITS_PER_THREAD 8192
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 /* one build serves every x86-64 CPU: the loader picks the AVX-512, AVX2 or baseline clone */
@@ -83,41 +90,69 @@ static inline __attribute__((always_inline)) void forward_row(
     }
 }
 
+/* Rows [begin, end) of the forward step, row i = (k, b) = (i % K, i / K); h: a scratch row of Hk floats. */
+MULTIVERSION
+static void forward_rows(int64_t begin, int64_t end, int64_t K, int64_t B, int64_t Hk, int64_t shuffle,
+                         const float *const *z, const float *const *x, int64_t x_off, int64_t z_ld,
+                         const float *c_prev, float *c_next, int64_t c_gs, float *r_next, int64_t r_gs, float *q,
+                         int64_t q_gs, float *qc, float *fs, int64_t s_gs, float *out, float *h) {
+    const int64_t m = Hk / K;
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t k = i % K, b = i / K; /* b-major: a thread writes whole rows b of r_next (no false sharing) */
+        const float *zr = z[k] + b * z_ld;
+        const float *xr = x ? x[k] + x_off + b * z_ld : NULL;
+        const float *cp = c_prev + k * c_gs + b * Hk;
+        float *cn = c_next + k * c_gs + b * Hk;
+        float *qr = q ? q + k * q_gs + b * 4 * Hk : NULL;
+        float *qcr = q ? qc + k * s_gs + b * Hk : NULL;
+        float *fr = q ? fs + k * s_gs + b * Hk : NULL;
+        if (xr && q) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 1, 1);
+        else if (xr) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 1, 0);
+        else if (q) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 0, 1);
+        else forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 0, 0);
+        if (shuffle) { /* h unit (k, u1*m + u2) -> r group u1, position u2*K + k */
+            for (int64_t u1 = 0; u1 < K; u1++) {
+                float *rr = r_next + u1 * r_gs + b * Hk + k;
+                const float *hr = h + u1 * m;
+                for (int64_t u2 = 0; u2 < m; u2++) rr[u2 * K] = hr[u2];
+            }
+        } else {
+            memcpy(r_next + k * r_gs + b * Hk, h, (size_t)Hk * sizeof(float));
+        }
+        if (out) memcpy(out + (b * K + k) * Hk, h, (size_t)Hk * sizeof(float)); /* row b of B x H, plain order */
+    }
+}
+
 /*
  * Forward step. Reads z (+ x), c_prev; writes c_next, the next recurrent input r_next and, when q is not NULL,
  * what the backward pass needs: q (gate derivatives, G4 per row: d pre-activation = dc * q for i, f, g and
- * dh * q for o), qc = o (1 - tanh^2 c) and fs = f (s_gs / Hk per row). h is the scratch row of Hk floats.
+ * dh * q for o), qc = o (1 - tanh^2 c) and fs = f (s_gs / Hk per row); when out is not NULL, also h_t in plain
+ * order into out (B x H, contiguous). The K*B rows are split over up to nthreads threads (torch's OpenMP pool:
+ * the same libgomp.so.1).
  */
-MULTIVERSION
-void grnn_lstm_forward_step(int64_t K, int64_t B, int64_t Hk, int64_t shuffle, const float *const *z,
+int64_t grnn_lstm_forward_step(int64_t K, int64_t B, int64_t Hk, int64_t shuffle, const float *const *z,
                             const float *const *x, int64_t x_off, int64_t z_ld, const float *c_prev, float *c_next,
                             int64_t c_gs, float *r_next, int64_t r_gs, float *q, int64_t q_gs, float *qc, float *fs,
-                            int64_t s_gs, float *h) {
-    const int64_t m = Hk / K;
-    for (int64_t k = 0; k < K; k++) {
-        for (int64_t b = 0; b < B; b++) {
-            const float *zr = z[k] + b * z_ld;
-            const float *xr = x ? x[k] + x_off + b * z_ld : NULL;
-            const float *cp = c_prev + k * c_gs + b * Hk;
-            float *cn = c_next + k * c_gs + b * Hk;
-            float *qr = q ? q + k * q_gs + b * 4 * Hk : NULL;
-            float *qcr = q ? qc + k * s_gs + b * Hk : NULL;
-            float *fr = q ? fs + k * s_gs + b * Hk : NULL;
-            if (xr && q) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 1, 1);
-            else if (xr) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 1, 0);
-            else if (q) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 0, 1);
-            else forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 0, 0);
-            if (shuffle) { /* h unit (k, u1*m + u2) -> r group u1, position u2*K + k */
-                for (int64_t u1 = 0; u1 < K; u1++) {
-                    float *rr = r_next + u1 * r_gs + b * Hk + k;
-                    const float *hr = h + u1 * m;
-                    for (int64_t u2 = 0; u2 < m; u2++) rr[u2 * K] = hr[u2];
-                }
-            } else {
-                memcpy(r_next + k * r_gs + b * Hk, h, (size_t)Hk * sizeof(float));
-            }
-        }
+                            int64_t s_gs, float *out, int64_t nthreads) {
+    const int64_t rows = K * B;
+    int64_t failed = 0;
+    if (nthreads > rows * Hk / MIN_UNITS_PER_THREAD) nthreads = rows * Hk / MIN_UNITS_PER_THREAD;
+#pragma omp parallel num_threads(nthreads > 1 ? nthreads : 1) if (nthreads > 1)
+    {
+        int64_t n = 1, id = 0;
+#ifdef _OPENMP
+        n = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        float *h = malloc((size_t)Hk * sizeof(float));
+        if (!h) {
+#pragma omp atomic write
+            failed = 1;
+        } else forward_rows(rows * id / n, rows * (id + 1) / n, K, B, Hk, shuffle, z, x, x_off, z_ld, c_prev,
+                            c_next, c_gs, r_next, r_gs, q, q_gs, qc, fs, s_gs, out, h);
+        free(h);
     }
+    return failed ? -1 : 0; /* -1: out of memory for a scratch row */
 }
 
 /* One row (k, b) of the backward step: the gates' gradient dg from dh and dc; dc becomes dc_{t-1}. */
@@ -135,56 +170,82 @@ static inline __attribute__((always_inline)) void backward_row(int64_t Hk, const
     }
 }
 
+/* Rows [begin, end) of the backward step, row i = (k, b) = (i % K, i / K); dh: a scratch row of Hk floats. */
+MULTIVERSION
+static void backward_rows(int64_t begin, int64_t end, int64_t K, int64_t B, int64_t Hk, int64_t shuffle,
+                          const float *dy, int64_t dy_gs, int64_t dy_ld, const float *const *dr, const float *rm,
+                          const float *dh_add, const float *q, int64_t q_gs, const float *qc, const float *fs,
+                          int64_t s_gs, float *dc, float *dg, int64_t dg_gs, float *dh) {
+    const int64_t m = Hk / K;
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t k = i % K, b = i / K; /* b-major: a thread writes whole rows b of r_next (no false sharing) */
+        if (dy) {
+            memcpy(dh, dy + k * dy_gs + b * dy_ld, (size_t)Hk * sizeof(float));
+        } else {
+            memset(dh, 0, (size_t)Hk * sizeof(float));
+        }
+        if (dr) { /* unshuffle: h unit (k, u1*m + u2) <- r group u1, position u2*K + k */
+            if (shuffle) {
+                for (int64_t u1 = 0; u1 < K; u1++) {
+                    const float *dr_row = dr[u1] + b * Hk + k;
+                    const float *rm_row = rm ? rm + (u1 * B + b) * Hk + k : NULL;
+                    float *dhr = dh + u1 * m;
+                    if (rm_row) {
+                        for (int64_t u2 = 0; u2 < m; u2++) dhr[u2] += dr_row[u2 * K] * rm_row[u2 * K];
+                    } else {
+                        for (int64_t u2 = 0; u2 < m; u2++) dhr[u2] += dr_row[u2 * K];
+                    }
+                }
+            } else {
+                const float *dr_row = dr[k] + b * Hk;
+                const float *rm_row = rm ? rm + (k * B + b) * Hk : NULL;
+                if (rm_row) {
+                    for (int64_t u = 0; u < Hk; u++) dh[u] += dr_row[u] * rm_row[u];
+                } else {
+                    for (int64_t u = 0; u < Hk; u++) dh[u] += dr_row[u];
+                }
+            }
+        }
+        if (dh_add) {
+            const float *ar = dh_add + (k * B + b) * Hk;
+            for (int64_t u = 0; u < Hk; u++) dh[u] += ar[u];
+        }
+        backward_row(Hk, dh, q + k * q_gs + b * 4 * Hk, qc + k * s_gs + b * Hk, fs + k * s_gs + b * Hk,
+                     dc + (k * B + b) * Hk, dg + k * dg_gs + b * 4 * Hk);
+    }
+}
+
 /*
  * Backward step, the adjoint of the forward step at the same t. dh_t = dy (the output's gradient, NULL for
  * none) + unshuffle(dr * rm) (the gradient of the next step's recurrent input, r order, NULL at the last step;
  * rm the recurrent dropout mask in r order, K x B x Hk, or NULL) + dh_add (K x B x Hk in h order, or NULL).
  * dc (K x B x Hk) holds dc_t on entry and dc_{t-1} on return. Writes the gates' gradient dg (G4 per row).
+ * The K*B rows are split over up to nthreads threads.
  */
-MULTIVERSION
-void grnn_lstm_backward_step(int64_t K, int64_t B, int64_t Hk, int64_t shuffle, const float *dy, int64_t dy_gs,
+int64_t grnn_lstm_backward_step(int64_t K, int64_t B, int64_t Hk, int64_t shuffle, const float *dy, int64_t dy_gs,
                              int64_t dy_ld, const float *const *dr, const float *rm, const float *dh_add,
                              const float *q, int64_t q_gs, const float *qc, const float *fs, int64_t s_gs, float *dc,
-                             float *dg, int64_t dg_gs, float *dh) {
-    const int64_t m = Hk / K;
-    for (int64_t k = 0; k < K; k++) {
-        for (int64_t b = 0; b < B; b++) {
-            if (dy) {
-                memcpy(dh, dy + k * dy_gs + b * dy_ld, (size_t)Hk * sizeof(float));
-            } else {
-                memset(dh, 0, (size_t)Hk * sizeof(float));
-            }
-            if (dr) { /* unshuffle: h unit (k, u1*m + u2) <- r group u1, position u2*K + k */
-                if (shuffle) {
-                    for (int64_t u1 = 0; u1 < K; u1++) {
-                        const float *dr_row = dr[u1] + b * Hk + k;
-                        const float *rm_row = rm ? rm + (u1 * B + b) * Hk + k : NULL;
-                        float *dhr = dh + u1 * m;
-                        if (rm_row) {
-                            for (int64_t u2 = 0; u2 < m; u2++) dhr[u2] += dr_row[u2 * K] * rm_row[u2 * K];
-                        } else {
-                            for (int64_t u2 = 0; u2 < m; u2++) dhr[u2] += dr_row[u2 * K];
-                        }
-                    }
-                } else {
-                    const float *dr_row = dr[k] + b * Hk;
-                    const float *rm_row = rm ? rm + (k * B + b) * Hk : NULL;
-                    if (rm_row) {
-                        for (int64_t u = 0; u < Hk; u++) dh[u] += dr_row[u] * rm_row[u];
-                    } else {
-                        for (int64_t u = 0; u < Hk; u++) dh[u] += dr_row[u];
-                    }
-                }
-            }
-            if (dh_add) {
-                const float *ar = dh_add + (k * B + b) * Hk;
-                for (int64_t u = 0; u < Hk; u++) dh[u] += ar[u];
-            }
-            backward_row(Hk, dh, q + k * q_gs + b * 4 * Hk, qc + k * s_gs + b * Hk, fs + k * s_gs + b * Hk,
-                         dc + (k * B + b) * Hk, dg + k * dg_gs + b * 4 * Hk);
-        }
+                             float *dg, int64_t dg_gs, int64_t nthreads) {
+    const int64_t rows = K * B;
+    int64_t failed = 0;
+    if (nthreads > rows * Hk / MIN_UNITS_PER_THREAD) nthreads = rows * Hk / MIN_UNITS_PER_THREAD;
+#pragma omp parallel num_threads(nthreads > 1 ? nthreads : 1) if (nthreads > 1)
+    {
+        int64_t n = 1, id = 0;
+#ifdef _OPENMP
+        n = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        float *dh = malloc((size_t)Hk * sizeof(float));
+        if (!dh) {
+#pragma omp atomic write
+            failed = 1;
+        } else backward_rows(rows * id / n, rows * (id + 1) / n, K, B, Hk, shuffle, dy, dy_gs, dy_ld, dr, rm,
+                              dh_add, q, q_gs, qc, fs, s_gs, dc, dg, dg_gs, dh);
+        free(dh);
     }
+    return failed ? -1 : 0; /* -1: out of memory for a scratch row */
 }
 
 /* The library's interface version: the loader refuses a stale build of another version. */
-int64_t grnn_kernel_version(void) { return 1; }
+int64_t grnn_kernel_version(void) { return 3; }

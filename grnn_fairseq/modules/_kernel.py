@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-KERNEL_VERSION = 1  # grnn_kernel_version() of the C source this loader matches
+KERNEL_VERSION = 3  # grnn_kernel_version() of the C source this loader matches
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIBRARY_NAME = "_group_lstm_step"
 
@@ -29,8 +29,15 @@ def _find_library() -> Optional[str]:
     return None
 
 
+def _check(result, func, args):
+    if result != 0:
+        raise MemoryError(f"{func.__name__}: out of memory for a scratch row")
+    return result
+
+
 class StepKernel:
-    """The two C entry points with their argument types; pointers are passed as ints (``Tensor.data_ptr()``)."""
+    """The two C entry points with their argument types; pointers are passed as ints (``Tensor.data_ptr()``), the
+    last argument is the number of threads to split a step's rows over (``torch.get_num_threads()``)."""
 
     def __init__(self, path: str):
         lib = ctypes.CDLL(path)
@@ -40,13 +47,15 @@ class StepKernel:
             raise OSError(f"{path} is version {version}, expected {KERNEL_VERSION}: reinstall (pip install -e .)")
         self.path = path
         self.forward_step = lib.grnn_lstm_forward_step
-        self.forward_step.restype = None
+        self.forward_step.restype = _i64
+        self.forward_step.errcheck = _check
         self.forward_step.argtypes = [_i64] * 4 + [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64,
-                                                   _ptr, _ptr, _i64, _ptr]
+                                                   _ptr, _ptr, _i64, _ptr, _i64]
         self.backward_step = lib.grnn_lstm_backward_step
-        self.backward_step.restype = None
+        self.backward_step.restype = _i64
+        self.backward_step.errcheck = _check
         self.backward_step.argtypes = [_i64] * 4 + [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64,
-                                                    _ptr, _ptr, _i64, _ptr]
+                                                    _ptr, _ptr, _i64, _i64]
 
 
 def pointers(tensors: Sequence[Tensor]):

@@ -5,7 +5,7 @@ and 5 with the channel shuffle of section 2.2 between time steps), organised for
 
 * The input projections of all time steps are one product per group (oneDNN's linear on float32 CPU, else
   bmm); the time loop adds one recurrent product per step (``_StepProducts``: one bmm over the groups, or
-  from H/K = ``STEP_MKLDNN_MIN_GROUP_SIZE`` on one oneDNN linear per group on weights packed once per call)
+  where measured faster (``_step_mkldnn``) one oneDNN linear per group on weights packed once per call)
   and, while the step's gates are in cache, writes the gate derivatives the backward pass needs (nothing is
   recomputed there).
 * On float32 CPU tensors a step's pointwise work (gates, cell, shuffled write of h_t, gate derivatives; in
@@ -99,13 +99,16 @@ def _h_split(X: Tensor, K: int, shuffle: bool) -> Tensor:
 _use_mkldnn = use_mkldnn
 
 
-# The per-step recurrent products go through oneDNN, one group at a time, from this group size on: measured
-# 1.1-1.6x faster than one bmm at H/K >= 512 (B = 64), slower below, where bmm's batching over groups wins.
-STEP_MKLDNN_MIN_GROUP_SIZE = 512
+# The per-step recurrent products go through oneDNN, one group at a time on weights packed once per call, from
+# this group size on and up to this many groups; else one bmm over the groups. Measured here (2 threads, B = 64,
+# forward and backward step products): oneDNN 1.2-2.9x faster at H/K >= 128 with K <= 8 (1.9x at H = 1024,
+# K = 4), slower below H/K = 128 and at K = 16, where bmm's batching over the groups wins.
+STEP_MKLDNN_MIN_GROUP_SIZE = 128
+STEP_MKLDNN_MAX_GROUPS = 8
 
 
-def _step_mkldnn(x: Tensor, Hk: int) -> bool:
-    return _use_mkldnn(x) and Hk >= STEP_MKLDNN_MIN_GROUP_SIZE
+def _step_mkldnn(x: Tensor, Hk: int, K: int = 1) -> bool:
+    return _use_mkldnn(x) and Hk >= STEP_MKLDNN_MIN_GROUP_SIZE and K <= STEP_MKLDNN_MAX_GROUPS
 
 
 class _StepProducts:
@@ -121,7 +124,7 @@ class _StepProducts:
     def __init__(self, x: Tensor, w_hh: Optional[Tensor], w_hh_grad: Optional[Tensor], B: int):
         K, G4, Hk = (w_hh if w_hh is not None else w_hh_grad).size()
         self.K = K
-        self.mkldnn = _step_mkldnn(x, Hk)
+        self.mkldnn = _step_mkldnn(x, Hk, K)
         self.w = self.w_t = self.w_grad = None
         if self.mkldnn:
             pack = torch.ops.mkldnn._reorder_linear_weight
@@ -177,11 +180,19 @@ def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
 
 
 def _grouped_weight_grad(dg: Tensor, xg: Tensor) -> Tensor:
-    """Per group k: ``dg[k]^T @ xg[k]``, the weight gradient over all rows. dg: K x N x Out, xg: K x N x In (rows
-    may be strided) -> K x Out x In. oneDNN per group on float32 CPU (``linear.weight_grad``), else one bmm."""
-    if _use_mkldnn(xg):
-        return torch.stack([weight_grad(d, v) for d, v in zip(dg.unbind(0), xg.unbind(0))])  # K x (Out x In)
-    return torch.bmm(dg.transpose(1, 2), xg)  # K x Out x N @ K x N x In -> K x Out x In
+    """Per group k: ``dg[k]^T @ xg[k]``, the weight gradient over all rows. dg: K x N x Out, xg: K x N x In ->
+    K x Out x In. On float32 CPU one oneDNN product per group, ``(xg[k]^T @ dg[k])^T``, whose row-major operand
+    xg^T is made by one transposing copy of all groups at once (a copy per group of strided rows cost 4x more);
+    else one bmm."""
+    if not _use_mkldnn(xg):
+        return torch.bmm(dg.transpose(1, 2), xg)  # K x Out x N @ K x N x In -> K x Out x In
+    K, N, In = xg.shape
+    if xg.transpose(0, 1).is_contiguous():  # the groups' columns of one N x (K*In) matrix, as a layer input is
+        xT = xg.transpose(0, 1).reshape(N, K * In).t().contiguous().view(K, In, N)  # N x K*In -> K x In x N
+    else:
+        xT = xg.transpose(1, 2).contiguous()  # K x N x In -> K x In x N
+    # K x (In x N @ N x Out -> In x Out -> Out x In)
+    return torch.stack([onednn_mm(xT[k], dg[k].t()).t() for k in range(K)])
 
 
 class _Workspace:
@@ -285,6 +296,8 @@ def _forward(
         _h_view(rm.unsqueeze(1), K, shuffle).squeeze(1).copy_(_h_split(rmask.view(B, K, Hk).transpose(0, 1), K, shuffle))
     s = (K, B, K, Hk // K) if shuffle else (K, B, 1, Hk)
     kernel = _kernel.kernel_for(x)
+    threads = torch.get_num_threads()
+    out = x.new_empty(T, B, H)  # a copy, never a view of R (saved for backward); the kernel writes it as it goes
     for t in range(T):
         r = R[:, t]  # K x B x H/K
         if rm is not None:
@@ -297,7 +310,7 @@ def _forward(
                 C[:, t].data_ptr(), C[:, t + 1].data_ptr(), C.stride(0), R[:, t + 1].data_ptr(), R.stride(0),
                 Q[:, t].data_ptr() if save else None, Q.stride(0) if save else 0,
                 QC[:, t].data_ptr() if save else None, F[:, t].data_ptr() if save else None,
-                QC.stride(0) if save else 0, tc.data_ptr(),
+                QC.stride(0) if save else 0, out[t].data_ptr(), threads,
             )
             continue
         products.forward(r, g_t, gbuf).sigmoid_()
@@ -319,9 +332,8 @@ def _forward(
             torch.addcmul(o, o, qc, value=-1, out=qc)  # o (1 - tanh^2 c)
             F[:, t].copy_(f)
 
-    # outputs in plain order: K x T x B x K' x H/K/K' -> T x B x K x K' x H/K/K' -> T x B x H
-    out = x.new_empty(T, B, H)  # a copy, never a view of R (saved for backward)
-    out.view(T, B, K, *s[2:]).copy_(Rh[:, 1:].permute(1, 2, 0, 3, 4))
+    if kernel is None:  # outputs in plain order: K x T x B x K' x H/K/K' -> T x B x K x K' x H/K/K' -> T x B x H
+        out.view(T, B, K, *s[2:]).copy_(Rh[:, 1:].permute(1, 2, 0, 3, 4))
     if lengths is None:
         h_n = out[T - 1].clone()
         c_n = x.new_empty(B, H)  # a copy, never a view of C
@@ -395,6 +407,7 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
         # the backward loop: DG[:, t] = d(pre-activation gates) of step t = Q[:, t] * (dc, dc, dc, dh)
         products = _StepProducts(x, None, w_hh, B)
         kernel = _kernel.kernel_for(x)
+        threads = torch.get_num_threads()
         step = (K, B, Hk)
         scratch_slab, (DG, dc, dc_prev, dh, dr_buf) = _WORKSPACE.take([tuple(Q.shape), step, step, step, step], x)
         dc.zero_()
@@ -416,7 +429,7 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
                     None if dr is None else _kernel.pointers(dr), None if rm is None else rm.data_ptr(),
                     None if dh_add is None else dh_add.data_ptr(), Q[:, t].data_ptr(), Q.stride(0),
                     QC[:, t].data_ptr(), F[:, t].data_ptr(), QC.stride(0), dc.data_ptr(), DG[:, t].data_ptr(),
-                    DG.stride(0), dh.data_ptr(),
+                    DG.stride(0), threads,
                 )
                 # the kernel multiplies dr by rm as it reads it at the next step (below for dh0)
                 dr = products.grad_parts(DG[:, t], dr_buf)  # K x (B x H/K)
