@@ -317,3 +317,32 @@ def test_c_kernel_is_built_where_a_compiler_exists():
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}): the kernel is optional")
     assert _kernel.available(), "the C kernel did not build or load: reinstall with pip install -e . and read its output"
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("outputs", ["both", "h", "c"])
+def test_fused_cell_matches_pytorch_cell(fused_mode, K, outputs):
+    """GroupLSTMCell's gate math on the C kernel (FusedLSTMCellFunction) against PyTorch operations, float32:
+    h', c' and the gradients of the input, h, c and every parameter, over two chained steps."""
+    from grnn_fairseq.modules import _kernel
+    from grnn_fairseq.modules.group_lstm import GroupLSTMCell
+
+    if not _kernel.available():
+        pytest.skip("the C kernel is not built")
+    torch.manual_seed(0)
+    cell = GroupLSTMCell(8, 16, groups=K)
+    x = torch.randn(2, 3, 8)
+    hx = (torch.randn(3, 16), torch.randn(3, 16))
+
+    def run(fused):
+        fused_mode(fused)
+        cell.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_(True)
+        h0, c0 = (v.clone().requires_grad_(True) for v in hx)
+        h, c = cell(xs[0], (h0, c0))
+        h, c = cell(xs[1], (h, c))
+        loss = {"both": (h * 1.5).sum() + (c * c).sum(), "h": (h * h).sum(), "c": c.sum()}[outputs]
+        loss.backward()
+        return [h, c, xs.grad, h0.grad, c0.grad] + [p.grad for p in cell.parameters()]
+
+    assert_close(run(True), run(False), 2e-6)

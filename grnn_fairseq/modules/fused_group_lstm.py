@@ -40,8 +40,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _kernel
-from .activations import tanh_into
-from .linear import onednn_mm, set_mkldnn, use_mkldnn, weight_grad  # noqa: F401  (set_mkldnn: this module's switch too)
+from .activations import tanh, tanh_into
+from .linear import onednn_mm, set_mkldnn, use_mkldnn  # noqa: F401  (set_mkldnn: this module's switch too)
 
 
 def fused_supported(
@@ -546,3 +546,57 @@ def fused_group_lstm_direction(
         return FusedGroupLSTMFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, lengths, recurrent_mask)
     out, h_n, c_n, _ = _forward(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, lengths, recurrent_mask, save=False)
     return out, h_n, c_n
+
+
+class FusedLSTMCellFunction(torch.autograd.Function):
+    """The pointwise half of one group LSTM step on the C kernel: pre-activations and c_{t-1} -> h_t, c_t.
+
+    gates: K x B x 4H/K (i, f, g, o of every group), c: K x B x H/K. Returns h, c' (K x B x H/K each, group
+    order, no shuffle). Two autograd nodes fewer than a dozen: GroupLSTMCell runs it at every decoder step.
+    """
+
+    @staticmethod
+    def forward(ctx, gates: Tensor, c: Tensor):
+        kernel = _kernel.kernel_for(gates)
+        K, B, G4 = gates.shape
+        Hk = G4 // 4
+        z = gates.contiguous().clone()  # the kernel reads tanh(z_g) as 2 sigmoid(2 z_g) - 1: g doubled
+        z[..., 2 * Hk : 3 * Hk].mul_(2)
+        c = c.contiguous()
+        h, c_new, Qc, Fc = (gates.new_empty(K, B, Hk) for _ in range(4))
+        Q = gates.new_empty(K, B, G4)
+        kernel.forward_step(
+            K, B, Hk, 0, _kernel.pointers(z.unbind(0)), None, 0, G4, c.data_ptr(), c_new.data_ptr(), B * Hk,
+            h.data_ptr(), B * Hk, Q.data_ptr(), B * G4, Qc.data_ptr(), Fc.data_ptr(), B * Hk, None,
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(Q, Qc, Fc)
+        return h, c_new
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh: Optional[Tensor], dc_new: Optional[Tensor]):
+        Q, Qc, Fc = ctx.saved_tensors
+        kernel = _kernel.kernel_for(Q)
+        K, B, G4 = Q.shape
+        Hk = G4 // 4
+        dc = Q.new_zeros(K, B, Hk) if dc_new is None else dc_new.contiguous().clone()  # dc_t -> dc_{t-1}
+        dh = None if dh is None else dh.contiguous()
+        dgates = Q.new_empty(K, B, G4)
+        kernel.backward_step(
+            K, B, Hk, 0, None if dh is None else dh.data_ptr(), B * Hk, Hk, None, None, None, Q.data_ptr(), B * G4,
+            Qc.data_ptr(), Fc.data_ptr(), B * Hk, dc.data_ptr(), dgates.data_ptr(), B * G4, torch.get_num_threads(),
+        )
+        return dgates, dc
+
+
+def lstm_cell_pointwise(gates: Tensor, c: Tensor, fused: bool) -> Tuple[Tensor, Tensor]:
+    """nn.LSTM's cell on pre-activations: gates K x B x 4H/K (i, f, g, o), c K x B x H/K -> h, c' (K x B x H/K).
+
+    With ``fused`` and the C kernel applicable (float32 CPU), one kernel pass each way; else PyTorch operations.
+    """
+    if fused and _kernel.kernel_for(gates) is not None:
+        return FusedLSTMCellFunction.apply(gates, c)
+    i, f, g, o = gates.chunk(4, dim=-1)  # each K x B x H/K
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * tanh(g)
+    return torch.sigmoid(o) * tanh(c_new), c_new

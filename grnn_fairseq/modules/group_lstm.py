@@ -31,8 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused_group_lstm import fused_group_lstm_direction, fused_supported
-from .activations import tanh
+from .fused_group_lstm import fused_group_lstm_direction, fused_supported, lstm_cell_pointwise
 from .linear import grouped_linear
 
 
@@ -85,7 +84,7 @@ def step_mask(lengths: Optional[Tensor], T: int, device) -> Optional[Tensor]:
 
 
 def group_lstm_step(
-    gx: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, groups: int, perm: Optional[Tensor]
+    gx: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, groups: int, perm: Optional[Tensor], fused: bool = False
 ) -> Tuple[Tensor, Tensor]:
     """One time step of a group LSTM layer (batched over groups).
 
@@ -94,6 +93,7 @@ def group_lstm_step(
     c: K x B x H/K, the previous cell state in group-major layout.
     w_hh: K x 4H/K x H/K, the recurrent weights.
     perm: the shuffle permutation of h (shuffle_time) or None.
+    fused: the gate math as one C-kernel pass where it applies (``lstm_cell_pointwise``).
     Returns h' (B x H) and c' (K x B x H/K).
     """
     K = groups
@@ -101,9 +101,7 @@ def group_lstm_step(
     r = h if perm is None else h.index_select(1, perm)  # B x H, shuffle(h_{t-1})
     r = r.view(B, K, H // K).transpose(0, 1)  # B x H -> K x B x H/K
     gates = gx + grouped_linear(r, w_hh)  # K x B x H/K @ K x H/K x 4H/K -> K x B x 4H/K
-    i, f, g, o = gates.chunk(4, dim=-1)  # each K x B x H/K
-    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * tanh(g)
-    h_new = torch.sigmoid(o) * tanh(c_new)  # K x B x H/K
+    h_new, c_new = lstm_cell_pointwise(gates, c, fused)  # K x B x H/K each
     h_new = h_new.transpose(0, 1).reshape(B, H)  # K x B x H/K -> B x H
     return h_new, c_new
 
@@ -493,7 +491,7 @@ class GroupLSTMCell(nn.Module):
         bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh  # K x 4H/K
         gx = grouped_linear(xg, self.weight_ih, bias)  # K x B x C/K @ K x C/K x 4H/K -> K x B x 4H/K
         perm = shuffle_permutation(H, K, input.device) if (self.shuffle_time and K > 1) else None
-        h_new, c_new = group_lstm_step(gx, h, to_group_major(c, K), self.weight_hh, K, perm)
+        h_new, c_new = group_lstm_step(gx, h, to_group_major(c, K), self.weight_hh, K, perm, fused=_FUSED)
         return h_new, from_group_major(c_new)
 
 
