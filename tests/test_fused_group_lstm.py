@@ -346,3 +346,40 @@ def test_fused_cell_matches_pytorch_cell(fused_mode, K, outputs):
         return [h, c, xs.grad, h0.grad, c0.grad] + [p.grad for p in cell.parameters()]
 
     assert_close(run(True), run(False), 2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_runs_the_fused_path_in_float32(fused_mode, monkeypatch, dtype):
+    """float16/bfloat16 modules (fairseq --fp16) take the fused path in float32: outputs equal the float32 run of
+    the same (rounded) weights cast to the half dtype, gradients reach the half parameters in their dtype."""
+    from grnn_fairseq.modules import fused_group_lstm as fgl
+
+    calls = []
+    real = fgl.fused_group_lstm_direction
+    monkeypatch.setattr(group_lstm, "fused_group_lstm_direction", lambda *a: calls.append(a[0].dtype) or real(*a))
+    module, x, hx = make_case(2, torch.float32, True, True, True)
+    half = GroupLSTM(C, H, num_layers=2, groups=2, bidirectional=True).to(dtype)
+    half.load_state_dict(module.state_dict())
+    module.load_state_dict(half.float().state_dict())  # the float32 twin holds the same rounded weights
+    half.to(dtype)
+    xh, hxh = x.to(dtype), tuple(v.to(dtype) for v in hx)
+    y, (h, c) = half(xh.requires_grad_(True), hxh, lengths=torch.tensor([5, 2, 4]))
+    y.float().sum().backward()
+    assert y.dtype == h.dtype == c.dtype == dtype
+    assert calls and all(d == torch.float32 for d in calls)
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in half.parameters())
+    want, _ = module(xh.float(), tuple(v.float() for v in hxh), lengths=torch.tensor([5, 2, 4]))
+    assert torch.allclose(y.float(), want.to(dtype).float(), atol=1e-2)
+
+
+def test_autocast_runs_the_fused_path_in_float32(fused_mode, monkeypatch):
+    """fairseq --amp (autocast): the fused path still runs, in float32, with the float32 result."""
+    calls = []
+    real = group_lstm.fused_group_lstm_direction
+    monkeypatch.setattr(group_lstm, "fused_group_lstm_direction", lambda *a: calls.append(1) or real(*a))
+    module, x, hx = make_case(2, torch.float32, False, True, True)
+    want, _ = module(x, hx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = module(x, hx)
+    assert calls == [1, 1, 1, 1] and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-6)

@@ -25,9 +25,10 @@ and 5 with the channel shuffle of section 2.2 between time steps), organised for
   and in the backward pass their gradients are exactly zero, so they do not leak into the real steps.
 
 Supported: any K, shuffle_time on or off (on needs ``(H/K) % K == 0`` for the strided shuffle view), bias or
-not, a prefix padding mask, a recurrent dropout mask, float32/float64, CPU and CUDA. Not supported (the
-dispatch in ``group_lstm.py`` uses the autograd path instead): other masks, shuffle sizes with
-``(H/K) % K != 0``, autocast, and double backward.
+not, a prefix padding mask, a recurrent dropout mask, float32/float64, CPU and CUDA; float16/bfloat16 and
+autocast through the dispatch in ``group_lstm.py``, which runs this path in float32 for them. Not supported
+(the dispatch uses the autograd path instead): other masks, shuffle sizes with ``(H/K) % K != 0``, and double
+backward.
 """
 
 import math

@@ -149,10 +149,23 @@ def group_lstm_direction(
 
     Dispatches to the fused autograd Function (hand-written backward through time, the fast path for
     training and inference) when it supports the call, else to the readable batched autograd path: with
-    ``set_fused(False)`` or GRNN_FUSED=0, a mask that is not a right-padding prefix mask, a shuffle with
-    (H/K) % K != 0, half precision or autocast.
+    ``set_fused(False)`` or GRNN_FUSED=0, a mask that is not a right-padding prefix mask, or a shuffle with
+    (H/K) % K != 0.
+
+    Mixed precision (float16 / bfloat16 tensors, as fairseq's --fp16 makes them, or autocast, as --amp does)
+    runs the fused recurrence in float32 (cuDNN's practice for its half-precision LSTMs: the cell state and the
+    gate math in float32): the inputs are cast up, autocast is off inside, and the outputs are cast back to the
+    input's dtype (autocast: left in float32). The casts are autograd operations, so gradients return in the
+    parameters' own dtype.
     """
     if _FUSED:
+        device = x.device.type
+        if x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(device):
+            dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+            up = [None if v is None else v.float() for v in (x, h, c, w_ih, w_hh, b_ih, b_hh, recurrent_mask)]
+            with torch.autocast(device_type=device, enabled=False):
+                out, h_n, c_n = group_lstm_direction(*up[:7], shuffle_time, mask, up[7])
+            return out.to(dtype), h_n.to(dtype), c_n.to(dtype)
         ok, lengths = fused_supported(x, w_hh, shuffle_time, mask)
         if ok:
             return fused_group_lstm_direction(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, lengths, recurrent_mask)
