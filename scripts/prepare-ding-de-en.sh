@@ -14,7 +14,8 @@
 #                Per sub-entry: {..} [..] (..) annotations removed, first of the `;` alternatives.
 #                A pair is kept when both sides have >= 4 words, end in . ! or ?, do not start
 #                lowercase, and have no `/` alternatives, ellipsis or jdm./etw./sb./sth. placeholders.
-#                PHRASES=1 keeps every pair of >= 2 words instead (dictionary phrases too).
+#                PHRASES=1 keeps every pair of >= 2 words instead (dictionary phrases too);
+#                PHRASES=train keeps valid and test sentences and adds the phrases to training only.
 #                Pairs sharing a German or an English side (case-insensitive) stay in one split.
 #   3. tokenize  sacremoses, cased (the paper scores case-sensitive BLEU) -> OUT_DIR/tok/
 #   4. BPE       joint subword-nmt codes learned on train -> OUT_DIR/bpe/ (training pairs over
@@ -25,7 +26,8 @@
 #   DING_FILE     local Ding de-en dictionary file (plain or .gz): skips every download
 #   DING_DEB      local trans-de-en .deb file
 #   DING_URL      upstream copy (default https://ftp.tu-chemnitz.de/pub/Local/urz/ding/de-en/de-en.txt.gz)
-#   PHRASES       1: keep phrases too (about 88k pairs instead of about 16k); default 0
+#   PHRASES       1: keep phrases too (about 88k pairs instead of about 16k); train: sentences for valid
+#                 and test, training sentences plus every phrase pair sharing no side with them; default 0
 #   BPE_MERGES    joint BPE merges (default 4000 for sentences, 8000 with PHRASES=1). 4000: on the
 #                 ~14k training sentences (~110k words a side) 8000 merges leave a third of the
 #                 subword types seen fewer than 10 times, 4000 fewer than 5% (Sennrich and Zhang
@@ -42,6 +44,9 @@ PHRASES="${PHRASES:-0}"
 if [[ "$PHRASES" == 1 ]]; then
     BPE_MERGES="${BPE_MERGES:-8000}"
     PHRASE_FLAG=(--phrases)
+elif [[ "$PHRASES" == train ]]; then
+    BPE_MERGES="${BPE_MERGES:-8000}"
+    PHRASE_FLAG=(--train-phrases)
 else
     BPE_MERGES="${BPE_MERGES:-4000}"
     PHRASE_FLAG=()

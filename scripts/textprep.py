@@ -597,11 +597,31 @@ def cmd_bpe(args):
         log(f"bpe: {n} lines {src} -> {dst}")
 
 
+def add_training_phrases(splits, phrases):
+    """Training split + the phrase pairs that share no side with a valid or test pair (nor repeat a training
+    pair), so that valid and test stay sentences unseen in any form. Returns the number of pairs added."""
+    held = {_dedup_key(side) for name in ("valid", "test") for pair in splits[name] for side in pair}
+    seen = {(_dedup_key(de), _dedup_key(en)) for de, en in splits["train"]}
+    added = 0
+    for de, en in phrases:
+        key = (_dedup_key(de), _dedup_key(en))
+        if key in seen or key[0] in held or key[1] in held:
+            continue
+        seen.add(key)
+        splits["train"].append((de, en))
+        added += 1
+    return added
+
+
 def cmd_ding(args):
-    pairs, stats = ding_pairs(read_lines(args.input), sentences=not args.phrases, min_words=args.min_words)
+    lines = read_lines(args.input)
+    pairs, stats = ding_pairs(lines, sentences=not args.phrases, min_words=args.min_words)
     os.makedirs(args.out_dir, exist_ok=True)
     splits, stats["groups of pairs sharing a side"] = split_disjoint(
         pairs, args.valid_size, args.test_size, args.seed)
+    if args.train_phrases:
+        phrases, _ = ding_pairs(lines, sentences=False, min_words=2)
+        stats["training phrase pairs added"] = add_training_phrases(splits, phrases)
     for name, split in splits.items():
         write_lines(f"{args.out_dir}/{name}.de", [de for de, _ in split])
         write_lines(f"{args.out_dir}/{name}.en", [en for _, en in split])
@@ -701,6 +721,9 @@ def build_parser():
     s.add_argument("--phrases", action="store_true",
                    help="keep every pair of --min-words words, not only sentences")
     s.add_argument("--min-words", type=int, default=None, help="default 4 (sentences) or 2 (--phrases)")
+    s.add_argument("--train-phrases", action="store_true",
+                   help="valid and test stay sentences; training adds every phrase pair (>= 2 words) that "
+                        "shares no side with them")
     s.add_argument("--valid-size", type=int, default=1000)
     s.add_argument("--test-size", type=int, default=1000)
     s.add_argument("--seed", type=int, default=1)

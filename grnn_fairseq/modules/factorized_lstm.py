@@ -33,6 +33,7 @@ from .group_lstm import (
     GroupLSTM,
     channel_shuffle,
     check_divisible,
+    check_stack,
     from_group_major,
     reverse_padded,
     shuffle_permutation,
@@ -147,16 +148,10 @@ class FactorizedLSTM(nn.Module):
         recurrent_dropout: float = 0.0,
     ):
         super().__init__()
-        check_divisible(input_size, groups, "input_size")
-        check_divisible(hidden_size, groups, "hidden_size")
+        check_stack(input_size, hidden_size, groups, num_layers, dropout=dropout, recurrent_dropout=recurrent_dropout)
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         check_divisible(rank, groups, "rank")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        for name, p in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.rank = rank

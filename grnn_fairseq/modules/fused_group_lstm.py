@@ -206,8 +206,10 @@ class _Workspace:
     caching allocator does this already, so the pool is CPU only.
     """
 
-    def __init__(self, max_slabs: int = 16):
+    def __init__(self, max_slabs: int = 16, max_bytes: int = 512 * 2**20):
         self.max_slabs = max_slabs
+        # a translation batch's slabs run to ~100 MB each: without a byte cap the pool grew to 3 GB
+        self.max_bytes = max_bytes
         self.free: List[Tensor] = []
         self.lock = threading.Lock()
 
@@ -234,7 +236,10 @@ class _Workspace:
             return
         with self.lock:
             self.free.append(slab)
-            if len(self.free) > self.max_slabs:
+            # over either cap: drop the smallest slabs first (the large ones cost the most page faults anew)
+            while len(self.free) > self.max_slabs or (
+                len(self.free) > 1 and sum(t.numel() * t.element_size() for t in self.free) > self.max_bytes
+            ):
                 self.free.pop(min(range(len(self.free)), key=lambda j: self.free[j].numel()))
 
     def clear(self) -> None:

@@ -46,6 +46,18 @@ def check_divisible(size: int, groups: int, what: str) -> None:
         )
 
 
+def check_stack(input_size: int, hidden_size: int, groups: int, num_layers: int, **rates: float) -> None:
+    """The constructor checks every recurrent stack shares: K divides both sizes, at least one layer, and every
+    dropout rate (keyword: its argument's name) in [0, 1); errors name the argument."""
+    check_divisible(input_size, groups, "input_size")
+    check_divisible(hidden_size, groups, "hidden_size")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    for name, p in rates.items():
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {p}")
+
+
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     """The representation rearrangement of section 2.2 on the last dimension.
 
@@ -270,13 +282,7 @@ class GroupLSTM(nn.Module):
         recurrent_dropout: float = 0.0,
     ):
         super().__init__()
-        check_divisible(input_size, groups, "input_size")
-        check_divisible(hidden_size, groups, "hidden_size")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        for name, p in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        check_stack(input_size, hidden_size, groups, num_layers, dropout=dropout, recurrent_dropout=recurrent_dropout)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers

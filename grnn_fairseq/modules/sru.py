@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .group_lstm import channel_shuffle, check_divisible, fused_enabled, reverse_padded, step_mask
+from .group_lstm import channel_shuffle, check_stack, fused_enabled, reverse_padded, step_mask
 
 
 class LinearRecurrenceFunction(torch.autograd.Function):
@@ -187,12 +187,7 @@ class SRU(nn.Module):
         variational: bool = False,
     ):
         super().__init__()
-        check_divisible(input_size, groups, "input_size")
-        check_divisible(hidden_size, groups, "hidden_size")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_stack(input_size, hidden_size, groups, num_layers, dropout=dropout)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
