@@ -224,6 +224,22 @@ def plot(results: List[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def processor_name(device: torch.device) -> str:
+    """The CPU's model name (or the GPU's): kernel choices and ratios differ between processors."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 1024])
@@ -257,6 +273,8 @@ def main(argv=None) -> List[dict]:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "processor": processor_name(device),
+        "products": fgl.PRODUCTS,
     }
     if args.json:
         with open(args.json, "w") as f:

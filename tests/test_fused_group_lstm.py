@@ -201,13 +201,15 @@ def test_cuda_matches_cpu(fused_mode, K):
 @pytest.mark.parametrize("K", [1, 2, 4])
 @pytest.mark.parametrize("step_mkldnn", [False, True])
 def test_mkldnn_products_match_bmm(fused_mode, monkeypatch, K, step_mkldnn):
-    """float32 on CPU: oneDNN's linear for the large products (and, from a group size on, the per-step ones)
-    against the bmm path, with padding, recurrent dropout and the shuffle."""
+    """float32 on CPU: oneDNN's linear for all products of the fused path (PRODUCTS = onednn), or bmm for them
+    with oneDNN on (PRODUCTS = bmm), against the path with oneDNN off, with padding, recurrent dropout and the
+    shuffle."""
     from grnn_fairseq.modules import fused_group_lstm as fgl
+    from grnn_fairseq.modules import linear as lin
 
     if not fgl.set_mkldnn(True):
         pytest.skip("this torch has no oneDNN linear")
-    monkeypatch.setattr(fgl, "STEP_MKLDNN_MIN_GROUP_SIZE", 1 if step_mkldnn else 10**9)
+    monkeypatch.setattr(lin, "PRODUCTS", "onednn" if step_mkldnn else "bmm")
     module, x, hx = make_case(K, torch.float32, True, True, True)
     module.recurrent_dropout = 0.2
     module.train()
@@ -219,6 +221,35 @@ def test_mkldnn_products_match_bmm(fused_mode, monkeypatch, K, step_mkldnn):
         results.append(outputs_and_grads(run_module, module, x, hx, lengths))
     fgl.set_mkldnn(True)
     assert_close(results[0], results[1], 1e-5)
+
+
+def test_products_auto_measures_once_per_shape(fused_mode, monkeypatch):
+    """PRODUCTS = auto (the default): the kernel of each product is measured at its first shape, cached per
+    shape, and the result equals the fixed choices'; a wrong GRNN_PRODUCTS value is named in the error."""
+    from grnn_fairseq.modules import fused_group_lstm as fgl
+    from grnn_fairseq.modules import linear as lin
+
+    if not fgl.set_mkldnn(True):
+        pytest.skip("this torch has no oneDNN linear")
+    module, x, hx = make_case(2, torch.float32, True, True, True)
+    results = {}
+    for products in ("auto", "bmm", "onednn"):
+        monkeypatch.setattr(lin, "PRODUCTS", products)
+        monkeypatch.setattr(lin, "_CHOICE", {})
+        monkeypatch.setattr(lin, "MEASURE_MIN_MACS", 0)  # measure even these tiny products
+        results[products] = outputs_and_grads(run_module, module, x, hx, torch.tensor([5, 2, 4]))
+        if products == "auto":
+            measured = dict(lin._CHOICE)
+            assert {key[0] for key in measured} == {"step", "fused_linear", "fused_wgrad"}
+            outputs_and_grads(run_module, module, x, hx, torch.tensor([5, 2, 4]))
+            assert lin._CHOICE == measured  # the same shapes again: nothing measured anew
+        else:
+            assert lin._CHOICE == {}
+    assert_close(results["auto"], results["bmm"], 1e-5)
+    assert_close(results["auto"], results["onednn"], 1e-5)
+    monkeypatch.setattr(lin, "PRODUCTS", "fast")
+    with pytest.raises(ValueError, match="GRNN_PRODUCTS='fast'"):
+        module(x, hx)
 
 
 def test_workspace_buffers_are_not_shared_between_live_graphs(fused_mode):
@@ -253,11 +284,11 @@ def test_c_kernel_matches_pytorch_step(fused_mode, monkeypatch, K, shuffle, padd
     """float32 on CPU: the C kernel's step (grnn_fairseq/csrc) against the same step in PyTorch operations, with
     both product kernels, the shuffle, padding, recurrent dropout, and gradients from h_n/c_n only."""
     from grnn_fairseq.modules import _kernel
-    from grnn_fairseq.modules import fused_group_lstm as fgl
+    from grnn_fairseq.modules import linear as lin
 
     if not _kernel.available():
         pytest.skip("the C kernel is not built (setup.py builds it; a missing compiler leaves it out)")
-    monkeypatch.setattr(fgl, "STEP_MKLDNN_MIN_GROUP_SIZE", 1 if step_mkldnn else 10**9)
+    monkeypatch.setattr(lin, "PRODUCTS", "onednn" if step_mkldnn else "bmm")
     module, x, hx = make_case(K, torch.float32, True, shuffle, shuffle)
     module.recurrent_dropout = 0.2
     module.train()

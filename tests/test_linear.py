@@ -10,10 +10,12 @@ from grnn_fairseq.modules.linear import Linear, grouped_linear, linear
 
 
 @pytest.fixture
-def onednn():
+def onednn(monkeypatch):
+    """oneDNN on, and chosen for every shape (not measured: the tests must take the oneDNN path)."""
     previous = lin_mod.set_mkldnn(True)
     if not lin_mod.use_mkldnn(torch.zeros(1)):
         pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(lin_mod, "PRODUCTS", "onednn")
     yield
     lin_mod.set_mkldnn(previous)
 
@@ -48,6 +50,36 @@ def test_linear_on_strided_input_and_its_path(onednn, monkeypatch):
     assert calls == [1]
     monkeypatch.undo()
     assert torch.allclose(linear(x, w), F.linear(x, w), atol=1e-5)
+
+
+@pytest.mark.parametrize("scoped", [False, True])
+def test_auto_measures_each_shape_once(onednn, monkeypatch, scoped):
+    """GRNN_PRODUCTS=auto: the first call of a shape measures aten against oneDNN (forward and backward when
+    training, inside a scope of its own when the caller has one), later calls of the shape (same row bucket)
+    reuse the choice; either way the result is F.linear's."""
+    monkeypatch.setattr(lin_mod, "PRODUCTS", "auto")
+    monkeypatch.setattr(lin_mod, "_CHOICE", {})
+    monkeypatch.setattr(lin_mod, "MEASURE_MIN_MACS", 0)  # measure even this tiny product
+    x, w, b = torch.randn(30, 12), torch.randn(9, 12), torch.randn(9)
+    with lin_mod.reuse_packed_weights() if scoped else torch.no_grad():
+        got = grads(linear, x, w, b) if scoped else [linear(x, w, b)]
+        if scoped:
+            assert len(lin_mod._SCOPE) <= 2  # only this call's weights: the measurement packed into its own scope
+        again = grads(linear, x[:17], w, b) if scoped else [linear(x[:17], w, b)]  # 17 rows: the bucket of 32
+        assert len(lin_mod._CHOICE) == 1
+        assert torch.allclose(again[0], F.linear(x[:17], w, b), atol=1e-5)
+    want = grads(lambda *a: F.linear(*a), x, w, b) if scoped else [F.linear(x, w, b)]
+    for g, v in zip(got, want):
+        assert torch.allclose(g, v, atol=1e-5)
+    (key,) = lin_mod._CHOICE
+    assert key[:5] == ("linear", 32, 12, 9, True) and key[5:7] == (scoped, scoped)  # (training, in a scope)
+    monkeypatch.setattr(lin_mod, "PRODUCTS", "fast")
+    with pytest.raises(ValueError, match="GRNN_PRODUCTS='fast'"):
+        linear(x[:3], w, b)
+    monkeypatch.setattr(lin_mod, "PRODUCTS", "auto")
+    monkeypatch.setattr(lin_mod, "MEASURE_MIN_MACS", 1 << 20)
+    linear(torch.randn(4, 12), w, b)  # 4 x 12 x 9 multiply-adds: below the threshold, aten's without measuring
+    assert len(lin_mod._CHOICE) == 1
 
 
 def test_linear_module_is_nn_linear(onednn):

@@ -3,9 +3,9 @@
 Same function as ``group_lstm_direction_autograd`` in ``group_lstm.py`` (Gao et al., NAACL 2018, equations 4
 and 5 with the channel shuffle of section 2.2 between time steps), organised for speed:
 
-* The input projections of all time steps are one product per group (oneDNN's linear on float32 CPU, else
-  bmm); the time loop adds one recurrent product per step (``_StepProducts``: one bmm over the groups, or
-  where measured faster (``_step_mkldnn``) one oneDNN linear per group on weights packed once per call)
+* The input projections of all time steps are one product per group (one bmm, or oneDNN's linear per group
+  where measured faster for the shape on this CPU); the time loop adds one recurrent product per step (``_StepProducts``: one bmm over the groups, or
+  where measured faster on this CPU (``_step_mkldnn``) one oneDNN linear per group on weights packed once per call)
   and, while the step's gates are in cache, writes the gate derivatives the backward pass needs (nothing is
   recomputed there).
 * On float32 CPU tensors a step's pointwise work (gates, cell, shuffled write of h_t, gate derivatives; in
@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _kernel
 from .activations import tanh, tanh_into
-from .linear import onednn_mm, set_mkldnn, use_mkldnn  # noqa: F401  (set_mkldnn: this module's switch too)
+from .linear import bucket, onednn_faster, onednn_mm, set_mkldnn, use_mkldnn  # noqa: F401  (set_mkldnn: this module's switch too)
 
 
 def fused_supported(
@@ -100,16 +100,29 @@ def _h_split(X: Tensor, K: int, shuffle: bool) -> Tensor:
 _use_mkldnn = use_mkldnn
 
 
-# The per-step recurrent products go through oneDNN, one group at a time on weights packed once per call, from
-# this group size on and up to this many groups; else one bmm over the groups. Measured here (2 threads, B = 64,
-# forward and backward step products): oneDNN 1.2-2.9x faster at H/K >= 128 with K <= 8 (1.9x at H = 1024,
-# K = 4), slower below H/K = 128 and at K = 16, where bmm's batching over the groups wins.
-STEP_MKLDNN_MIN_GROUP_SIZE = 128
-STEP_MKLDNN_MAX_GROUPS = 8
+# The products of the fused path (the per-step recurrent products, the input projections of all steps and
+# the weight gradients) run either as one bmm over the groups or as one oneDNN linear per group (per-step:
+# on weights packed once per call), whichever measured faster for the shape on this CPU (``onednn_faster`` in
+# linear.py, GRNN_PRODUCTS to fix it). On an AMD EPYC (2 threads, B = 64) the packed oneDNN step product was
+# 1.2-2.9x faster at H/K >= 128 with K <= 8; on an Intel Xeon (Emerald Rapids, AVX-512) bmm was up to 2x faster
+# there from K = 4 on, while oneDNN won the input projections at hidden 1024 and lost them at hidden 256.
 
 
-def _step_mkldnn(x: Tensor, Hk: int, K: int = 1) -> bool:
-    return _use_mkldnn(x) and Hk >= STEP_MKLDNN_MIN_GROUP_SIZE and K <= STEP_MKLDNN_MAX_GROUPS
+def _step_mkldnn(x: Tensor, Hk: int, K: int, B: int) -> bool:
+    B = bucket(B)
+
+    def case(gen):
+        r = torch.randn(K, B, Hk, generator=gen)  # K x B x H/K
+        dg = torch.randn(K, B, 4 * Hk, generator=gen)  # K x B x 4H/K
+        w = torch.randn(K, 4 * Hk, Hk, generator=gen)  # K x 4H/K x H/K
+        out_g, out_r = torch.empty_like(dg), torch.empty_like(r)
+        runs = []
+        for mkldnn in (False, True):
+            p = _StepProducts(r, w, w, B, mkldnn=mkldnn)
+            runs.append(lambda p=p: (p.forward(r, list(dg.unbind(0)), out_g), p.backward(dg, out_r)))
+        return runs
+
+    return onednn_faster(x, ("step", K, B, Hk), case, K * B * Hk * 4 * Hk)
 
 
 class _StepProducts:
@@ -122,10 +135,11 @@ class _StepProducts:
     backward product, or None in the forward pass. B: the batch (oneDNN's hint for its layout).
     """
 
-    def __init__(self, x: Tensor, w_hh: Optional[Tensor], w_hh_grad: Optional[Tensor], B: int):
+    def __init__(self, x: Tensor, w_hh: Optional[Tensor], w_hh_grad: Optional[Tensor], B: int,
+                 mkldnn: Optional[bool] = None):
         K, G4, Hk = (w_hh if w_hh is not None else w_hh_grad).size()
         self.K = K
-        self.mkldnn = _step_mkldnn(x, Hk, K)
+        self.mkldnn = _step_mkldnn(x, Hk, K, B) if mkldnn is None else mkldnn
         self.w = self.w_t = self.w_grad = None
         if self.mkldnn:
             pack = torch.ops.mkldnn._reorder_linear_weight
@@ -171,8 +185,25 @@ def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
     """Per group k: ``xg[k] @ w[k]^T + b[k]``. xg: K x N x In (rows may be strided), w: K x Out x In,
     b: K x Out or None. Returns K tensors N x Out (a list, never stacked: the copy would cost more than
     oneDNN gains)."""
-    if _use_mkldnn(xg):
-        return [onednn_mm(xg[k], w[k], None if b is None else b[k]) for k in range(xg.size(0))]
+    K, N, In = xg.shape
+    Out = w.size(1)
+
+    def case(gen):
+        n = bucket(N)
+        xs, ws = torch.randn(K, n, In, generator=gen), torch.randn(K, Out, In, generator=gen)
+        bs = None if b is None else torch.randn(K, Out, generator=gen)
+        return lambda: _grouped_linear_bmm(xs, ws, bs), lambda: _grouped_linear_onednn(xs, ws, bs)
+
+    if onednn_faster(xg, ("fused_linear", K, bucket(N), In, Out, b is not None), case, K * N * In * Out):
+        return _grouped_linear_onednn(xg, w, b)
+    return _grouped_linear_bmm(xg, w, b)
+
+
+def _grouped_linear_onednn(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
+    return [onednn_mm(xg[k], w[k], None if b is None else b[k]) for k in range(xg.size(0))]
+
+
+def _grouped_linear_bmm(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
     if b is None:
         out = torch.bmm(xg, w.transpose(1, 2))  # K x N x In @ K x In x Out -> K x N x Out
     else:
@@ -182,11 +213,27 @@ def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
 
 def _grouped_weight_grad(dg: Tensor, xg: Tensor) -> Tensor:
     """Per group k: ``dg[k]^T @ xg[k]``, the weight gradient over all rows. dg: K x N x Out, xg: K x N x In ->
-    K x Out x In. On float32 CPU one oneDNN product per group, ``(xg[k]^T @ dg[k])^T``, whose row-major operand
+    K x Out x In. One bmm, or one oneDNN product per group, ``(xg[k]^T @ dg[k])^T``, whose row-major operand
     xg^T is made by one transposing copy of all groups at once (a copy per group of strided rows cost 4x more);
-    else one bmm."""
-    if not _use_mkldnn(xg):
-        return torch.bmm(dg.transpose(1, 2), xg)  # K x Out x N @ K x N x In -> K x Out x In
+    whichever measured faster for the shape (``onednn_faster``)."""
+    K, N, In = xg.shape
+    Out = dg.size(2)
+
+    def case(gen):
+        n = bucket(N)
+        dgs, xs = torch.randn(K, n, Out, generator=gen), torch.randn(n, K, In, generator=gen).transpose(0, 1)
+        return lambda: _grouped_weight_grad_bmm(dgs, xs), lambda: _grouped_weight_grad_onednn(dgs, xs)
+
+    if onednn_faster(xg, ("fused_wgrad", K, bucket(N), In, Out), case, K * N * In * Out):
+        return _grouped_weight_grad_onednn(dg, xg)
+    return _grouped_weight_grad_bmm(dg, xg)
+
+
+def _grouped_weight_grad_bmm(dg: Tensor, xg: Tensor) -> Tensor:
+    return torch.bmm(dg.transpose(1, 2), xg)  # K x Out x N @ K x N x In -> K x Out x In
+
+
+def _grouped_weight_grad_onednn(dg: Tensor, xg: Tensor) -> Tensor:
     K, N, In = xg.shape
     if xg.transpose(0, 1).is_contiguous():  # the groups' columns of one N x (K*In) matrix, as a layer input is
         xT = xg.transpose(0, 1).reshape(N, K * In).t().contiguous().view(K, In, N)  # N x K*In -> K x In x N

@@ -1,11 +1,13 @@
-"""Linear layers whose float32 CPU products run on oneDNN instead of aten's BLAS.
+"""Linear layers whose float32 CPU products run on oneDNN instead of aten's BLAS where that measures faster.
 
-On this project's AMD EPYC CPUs aten's float32 ``mm`` (MKL) reaches about half the speed of oneDNN's linear
-for the shapes of these models (measured, one thread: a 170 x 1024 -> 2048 product at 30 against 62 GFLOP/s,
-the 2550 x 256 -> 4144 output layer at 18 against 28 forward and 26 against 49 for its input gradient).
-``linear`` is ``F.linear`` with the forward product and both gradients on oneDNN for float32 CPU tensors;
-everywhere else (float64, CUDA, no oneDNN, ``GRNN_MKLDNN=0``) it *is*
-``F.linear``. ``Linear`` is ``nn.Linear`` using it, with the same parameters and state dict.
+On an AMD EPYC aten's float32 ``mm`` (MKL) reached about half the speed of oneDNN's linear for the shapes of
+these models (measured, one thread: a 170 x 1024 -> 2048 product at 30 against 62 GFLOP/s, the 2550 x 256 ->
+4144 output layer at 18 against 28 forward and 26 against 49 for its input gradient); on an Intel Xeon
+(Emerald Rapids) the same model trained 35% faster with MKL everywhere. So ``linear`` measures, once per shape
+(``onednn_faster``), forward and backward of both on random data and keeps the faster: ``F.linear``, or the
+forward product and both gradients on oneDNN. Everywhere else (float64, CUDA, no oneDNN, ``GRNN_MKLDNN=0``,
+``GRNN_PRODUCTS=bmm``) it *is* ``F.linear``. ``Linear`` is ``nn.Linear`` using it, with the same parameters and
+state dict. The fused GroupLSTM (``fused_group_lstm.py``) chooses its products the same way.
 
 Inside ``reuse_packed_weights()`` (a decoder's loop over target steps) every weight is packed into oneDNN's
 blocked layout once, its transpose (for the input gradient) too, and reused by every call of the scope and by
@@ -15,7 +17,8 @@ their backward passes: transposing or repacking a weight per call cost more than
 
 import contextlib
 import os
-from typing import Dict, Optional, Tuple
+import time
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,6 +43,89 @@ def set_mkldnn(enabled: bool) -> bool:
 def use_mkldnn(x: Tensor) -> bool:
     """Whether oneDNN's linear serves this float32 CPU tensor (autocast keeps aten's dispatch)."""
     return _MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+# Which kernel runs a product: "auto" measures both once per shape (the row count rounded up to a power of two,
+# the thread count; a few milliseconds per shape, at its first use) and keeps the faster; "bmm" (aten's BLAS:
+# mm/bmm) or "onednn" fix the choice, e.g. for runs that must be bitwise reproducible across machines.
+PRODUCTS = os.environ.get("GRNN_PRODUCTS", "auto")
+_CHOICE: Dict[tuple, bool] = {}
+
+
+def _time_best(fn: Callable[[], object], rounds: int = 3, give_up: float = float("inf")) -> float:
+    """Best of ``rounds`` timed runs after a warm-up; inf at once if the warm-up took over ``give_up`` seconds
+    (some oneDNN layouts fall back to a reference kernel 100x slower: no need to time those three times)."""
+    t0 = time.perf_counter()
+    fn()  # warm-up (oneDNN primitive creation, packing, page faults)
+    if time.perf_counter() - t0 > give_up:
+        return float("inf")
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bucket(n: int) -> int:
+    """n rounded up to a power of two: the row counts of one measured shape."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# Products of fewer multiply-adds than this are not measured (aten's runs them): too small for the choice to
+# matter, and a fixed choice keeps the tests' tiny models bitwise reproducible from run to run.
+MEASURE_MIN_MACS = 1 << 20
+
+
+def onednn_faster(x: Tensor, key: tuple, make_case: Callable, macs: int) -> bool:
+    """Whether the oneDNN variant of a product should run for float32 CPU input ``x``. key: the product and its
+    shape (row counts bucketed); make_case(generator): random operands of that shape, returning two closures
+    (aten's variant, oneDNN's) that each run the product (and its backward, where training); macs: the
+    product's multiply-adds."""
+    if not use_mkldnn(x):
+        return False
+    if PRODUCTS in ("bmm", "onednn"):
+        return PRODUCTS == "onednn"
+    if PRODUCTS != "auto":
+        raise ValueError(f"GRNN_PRODUCTS={PRODUCTS!r}: expected auto, bmm or onednn")
+    if macs < MEASURE_MIN_MACS:
+        return False
+    key = key + (torch.get_num_threads(),)
+    if key not in _CHOICE:
+        global _SCOPE
+        outer, _SCOPE = _SCOPE, ({} if _SCOPE is not None else None)  # a scope of its own, as the caller's
+        try:
+            run_aten, run_onednn = make_case(torch.Generator().manual_seed(0))
+            aten = _time_best(run_aten)
+            _CHOICE[key] = _time_best(run_onednn, give_up=10 * aten + 0.01) < aten
+        finally:
+            _SCOPE = outer
+    return _CHOICE[key]
+
+
+def _training(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _measure_case(run: Callable, shapes, train: bool, gen: torch.Generator):
+    """Closures (aten, oneDNN) running ``run(variant, *operands)`` on random operands of ``shapes`` (None: no
+    operand), forward and, when training, backward."""
+    ops = [None if sh is None else torch.randn(*sh, generator=gen).requires_grad_(train) for sh in shapes]
+    with torch.no_grad():
+        dy = torch.randn(run(False, *ops).shape, generator=gen)  # a dense output gradient (sum()'s has stride 0)
+
+    def closure(onednn: bool):
+        def go():
+            if not train:
+                with torch.no_grad():
+                    return run(onednn, *ops)
+            run(onednn, *ops).backward(dy)
+            for t in ops:
+                if t is not None:
+                    t.grad = None
+        return go
+
+    return closure(False), closure(True)
 
 
 def onednn_mm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -115,10 +201,23 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+def _linear(onednn: bool, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _OneDNNLinear.apply(x, weight, bias) if onednn else F.linear(x, weight, bias)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, on oneDNN for float32 CPU tensors. x: ... x In, weight: Out x In."""
-    if use_mkldnn(x) and weight.dtype == torch.float32 and x.numel() > 0:
-        return _OneDNNLinear.apply(x, weight, bias)
+    """``F.linear(x, weight, bias)``, on oneDNN for float32 CPU tensors where that measured faster for the shape.
+    x: ... x In, weight: Out x In."""
+    if x.numel() > 0 and weight.dtype == torch.float32 and use_mkldnn(x):
+        Out, In = weight.shape
+        N, train = bucket(x.numel() // In), _training(x, weight, bias)
+        key = ("linear", N, In, Out, bias is not None, train, _SCOPE is not None)
+
+        def case(gen):
+            return _measure_case(_linear, [(N, In), (Out, In), None if bias is None else (Out,)], train, gen)
+
+        if onednn_faster(x, key, case, N * In * Out):
+            return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -168,9 +267,25 @@ def grouped_linear(xg: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
     """Every group's own linear map, batched: ``out[k] = xg[k] @ weight[k]^T + bias[k]``.
 
     xg: K x N x In/K (rows may be strided), weight: K x Out/K x In/K, bias: K x Out/K or None.
-    Returns K x N x Out/K. oneDNN per group on float32 CPU tensors, else one (b)addbmm.
+    Returns K x N x Out/K. oneDNN per group on float32 CPU tensors where that measured faster for the shape,
+    else one (b)addbmm.
     """
-    if use_mkldnn(xg) and weight.dtype == torch.float32 and xg.numel() > 0:
+    if xg.numel() > 0 and weight.dtype == torch.float32 and use_mkldnn(xg):
+        K, N, In = xg.shape
+        Out, N, train = weight.size(1), bucket(N), _training(xg, weight, bias)
+        key = ("grouped_linear", K, N, In, Out, bias is not None, train, _SCOPE is not None)
+
+        def case(gen):
+            return _measure_case(_grouped_linear, [(K, N, In), (K, Out, In), None if bias is None else (K, Out)],
+                                 train, gen)  # fmt: skip
+
+        if onednn_faster(xg, key, case, K * N * In * Out):
+            return _OneDNNGroupedLinear.apply(xg, weight, bias)
+    return _grouped_linear(False, xg, weight, bias)
+
+
+def _grouped_linear(onednn: bool, xg: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    if onednn:
         return _OneDNNGroupedLinear.apply(xg, weight, bias)
     if bias is None:
         return torch.bmm(xg, weight.transpose(1, 2))  # K x N x In/K @ K x In/K x Out/K -> K x N x Out/K
