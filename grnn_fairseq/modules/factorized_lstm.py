@@ -34,6 +34,7 @@ from .group_lstm import (
     channel_shuffle,
     check_divisible,
     check_stack,
+    reference_stack,
     from_group_major,
     reverse_padded,
     shuffle_permutation,
@@ -304,18 +305,7 @@ def factorized_lstm_reference(
     Independent of the batched path (no precomputed input part, no bmm), so tests can compare the two.
     Dropout is not applied (use it with the module in eval mode). Padded batches run every sequence alone.
     """
-    T, B, _ = input.size()
-    K, D = module.groups, module.num_directions
-    h0, c0 = module.init_state(input, hx)
-    if lengths is not None:
-        outs, hs, cs = [], [], []
-        for b in range(B):
-            n = int(lengths[b])
-            o, (h, c) = factorized_lstm_reference(module, input[:n, b : b + 1], (h0[:, b : b + 1], c0[:, b : b + 1]))
-            outs.append(F.pad(o, (0, 0, 0, 0, 0, T - n)))
-            hs.append(h)
-            cs.append(c)
-        return torch.cat(outs, 1), (torch.cat(hs, 1), torch.cat(cs, 1))
+    K = module.groups
 
     def cell(x_t, h, c, w1_ih, w1_hh, w2, bias):
         r = channel_shuffle(h, K) if module.shuffle_time else h
@@ -331,23 +321,4 @@ def factorized_lstm_reference(
             new_c.append(ck)
         return torch.cat(new_h, -1), torch.cat(new_c, -1)
 
-    x = input
-    h_n, c_n = [], []
-    for layer in range(module.num_layers):
-        if layer > 0 and module.shuffle_layers:
-            x = channel_shuffle(x, K)
-        outputs = []
-        for direction in range(D):
-            idx = layer * D + direction
-            weights = module.layer_weights(layer, direction)
-            h, c = h0[idx], c0[idx]
-            steps = range(T) if direction == 0 else range(T - 1, -1, -1)
-            out = [None] * T
-            for t in steps:
-                h, c = cell(x[t], h, c, *weights)
-                out[t] = h
-            outputs.append(torch.stack(out, 0))
-            h_n.append(h)
-            c_n.append(c)
-        x = torch.cat(outputs, -1)
-    return x, (torch.stack(h_n, 0), torch.stack(c_n, 0))
+    return reference_stack(module, input, hx, lengths, cell, factorized_lstm_reference)

@@ -523,18 +523,7 @@ def group_lstm_reference(
     compare the two. Dropout is not applied (use it with the module in eval mode). Padded sequences are
     handled by running every sequence alone on its own length.
     """
-    T, B, _ = input.size()
-    K, H, D = module.groups, module.hidden_size, module.num_directions
-    h0, c0 = module.init_state(input, hx)
-    if lengths is not None:
-        outs, hs, cs = [], [], []
-        for b in range(B):
-            n = int(lengths[b])
-            o, (h, c) = group_lstm_reference(module, input[:n, b : b + 1], (h0[:, b : b + 1], c0[:, b : b + 1]))
-            outs.append(F.pad(o, (0, 0, 0, 0, 0, T - n)))
-            hs.append(h)
-            cs.append(c)
-        return torch.cat(outs, 1), (torch.cat(hs, 1), torch.cat(cs, 1))
+    K = module.groups
 
     def cell(x_t, h, c, w_ih, w_hh, b_ih, b_hh):
         r = channel_shuffle(h, K) if module.shuffle_time else h
@@ -549,6 +538,27 @@ def group_lstm_reference(
             new_c.append(ck)
             new_h.append(torch.sigmoid(o) * torch.tanh(ck))
         return torch.cat(new_h, -1), torch.cat(new_c, -1)  # equation 5: concatenate the groups
+
+    return reference_stack(module, input, hx, lengths, cell, group_lstm_reference)
+
+
+def reference_stack(module: nn.Module, input: Tensor, hx, lengths: Optional[Tensor], cell, reference):
+    """The frame the step-by-step references share (GroupLSTM's and F-LSTM's): a padded batch runs every
+    sequence alone on its own length (``reference`` on each), else layer by layer (the channel shuffle between
+    layers when ``module.shuffle_layers``), direction by direction, ``h, c = cell(x_t, h, c, *weights)`` per
+    step with ``module.layer_weights(layer, direction)``. Returns (output T x B x D*H, (h_n, c_n))."""
+    T, B, _ = input.size()
+    K, D = module.groups, module.num_directions
+    h0, c0 = module.init_state(input, hx)
+    if lengths is not None:
+        outs, hs, cs = [], [], []
+        for b in range(B):
+            n = int(lengths[b])
+            o, (h, c) = reference(module, input[:n, b : b + 1], (h0[:, b : b + 1], c0[:, b : b + 1]))
+            outs.append(F.pad(o, (0, 0, 0, 0, 0, T - n)))  # n x 1 x D*H -> T x 1 x D*H
+            hs.append(h)
+            cs.append(c)
+        return torch.cat(outs, 1), (torch.cat(hs, 1), torch.cat(cs, 1))
 
     x = input
     h_n, c_n = [], []
