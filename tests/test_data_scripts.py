@@ -9,6 +9,7 @@ a stub that records its arguments.
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -453,3 +454,31 @@ def test_prepare_ding_end_to_end(tmp_path):
 
     again = ok(run_script("prepare-ding-de-en.sh", out, **env))
     assert "skipping selection" in again and "binarized already" in again and "BPE codes exist" in again
+
+
+def test_translate_de_en_example_end_to_end(tmp_path):
+    """examples/translate-de-en.sh, the De-En demo, at a tiny budget on a Ding-format file: it prepares the data,
+    trains group_rnnsearch_iwslt with its default flags, decodes the test set, prints both BLEUs and samples,
+    and translates a sentence through fairseq-interactive."""
+    if not (BIN / "fairseq-train").exists():
+        pytest.skip(f"fairseq is not installed beside {sys.executable}")
+    dic = tmp_path / "de-en"
+    make_ding(dic)
+    example_vars = ("NUM_GROUPS", "MAX_UPDATE", "MAX_EPOCH", "OPTIMIZER_FLAGS", "MODEL_FLAGS", "EXTRA", "SENTENCE")
+    full = {k: v for k, v in os.environ.items() if k not in _SCRIPT_VARS + example_vars}
+    full.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable, OMP_NUM_THREADS="1",
+                WORKERS="1", PYTHONHASHSEED="0", DING_FILE=str(dic), VALID_SIZE="4", TEST_SIZE="4", BPE_MERGES="50",
+                DATA=str(tmp_path / "ding"), SAVE=str(tmp_path / "ckpt"), MAX_UPDATE="4")  # fmt: skip
+    proc = subprocess.run(["bash", str(REPO / "examples/translate-de-en.sh"), "Bitte halten Sie den Rasen sauber!"],
+                          env=full, capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    out = ok(proc)
+    assert "4 updates" in out
+    assert re.search(r"tokenized BLEU \(multi-bleu convention\): [\d.]+", out)
+    assert re.search(r"sacreBLEU \(detokenized\): BLEU\S* = [\d.]+", out)
+    assert out.count("hypothesis:") == 4  # every test sentence of the tiny split, up to 5
+    assert "fairseq-interactive: Bitte halten Sie den Rasen sauber!" in out and "translation:" in out
+    import torch
+
+    model = torch.load(tmp_path / "ckpt" / "checkpoint_best.pt", weights_only=False)["cfg"]["model"]
+    assert model.arch == "group_rnnsearch_iwslt" and model.encoder_groups == 2  # the defaults reached training
+    assert model.share_all_embeddings and model.decoder_dropout_out == 0.2
