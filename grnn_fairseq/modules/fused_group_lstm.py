@@ -42,6 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _kernel
 from .activations import tanh, tanh_into
+from .linear import _grouped_linear as _grouped_linear_aten
 from .linear import bucket, onednn_faster, onednn_mm, set_mkldnn, use_mkldnn  # noqa: F401  (set_mkldnn: this module's switch too)
 
 
@@ -204,11 +205,7 @@ def _grouped_linear_onednn(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[T
 
 
 def _grouped_linear_bmm(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
-    if b is None:
-        out = torch.bmm(xg, w.transpose(1, 2))  # K x N x In @ K x In x Out -> K x N x Out
-    else:
-        out = torch.baddbmm(b.unsqueeze(1), xg, w.transpose(1, 2))
-    return list(out.unbind(0))
+    return list(_grouped_linear_aten(False, xg, w, b).unbind(0))  # K x N x Out -> K x (N x Out)
 
 
 def _grouped_weight_grad(dg: Tensor, xg: Tensor) -> Tensor:

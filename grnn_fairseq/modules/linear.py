@@ -216,8 +216,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         def case(gen):
             return _measure_case(_linear, [(N, In), (Out, In), None if bias is None else (Out,)], train, gen)
 
-        if onednn_faster(x, key, case, N * In * Out):
-            return _OneDNNLinear.apply(x, weight, bias)
+        return _linear(onednn_faster(x, key, case, N * In * Out), x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -279,8 +278,7 @@ def grouped_linear(xg: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
             return _measure_case(_grouped_linear, [(K, N, In), (K, Out, In), None if bias is None else (K, Out)],
                                  train, gen)  # fmt: skip
 
-        if onednn_faster(xg, key, case, K * N * In * Out):
-            return _OneDNNGroupedLinear.apply(xg, weight, bias)
+        return _grouped_linear(onednn_faster(xg, key, case, K * N * In * Out), xg, weight, bias)
     return _grouped_linear(False, xg, weight, bias)
 
 
