@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from grnn_fairseq.modules import fused_group_lstm as fgl
-from grnn_fairseq.modules import group_lstm
+from grnn_fairseq.modules import group_lstm, linear
 from grnn_fairseq.modules.group_lstm import GroupLSTM
 
 
@@ -274,7 +274,7 @@ def main(argv=None) -> List[dict]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "processor": processor_name(device),
-        "products": fgl.PRODUCTS,
+        "products": linear.PRODUCTS,
     }
     if args.json:
         with open(args.json, "w") as f:
