@@ -72,9 +72,10 @@ def products_only_steps(H: int, K: int, x: torch.Tensor) -> Dict[str, Callable[[
     gbuf = torch.empty(K, B, G4, device=x.device)
     dg = torch.randn(K, T * B, G4, device=x.device)
     dr = torch.empty(K, B, Hk, device=x.device)
+    G, Xc = torch.empty(K, T * B, G4, device=x.device), torch.empty(K, T * B, I // K, device=x.device)  # reused
 
     def forward(backward_weights=False):
-        gs = fgl._grouped_linear(xg, w_ih, bias)
+        gs = fgl._grouped_linear(xg, w_ih, bias, G, Xc)
         products = fgl._StepProducts(xd, w_hh, w_hh if backward_weights else None, B)  # weights prepared per call
         for t in range(T):
             products.parts(r, [g[t * B : (t + 1) * B] for g in gs], gbuf)

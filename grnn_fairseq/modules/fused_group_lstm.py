@@ -182,10 +182,13 @@ class _StepProducts:
         return torch.bmm(dg, self.w_grad, out=dr).unbind(0)  # K x B x 4H/K @ K x 4H/K x H/K -> K x (B x H/K)
 
 
-def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
+def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = None,
+                    xbuf: Optional[Tensor] = None) -> List[Tensor]:
     """Per group k: ``xg[k] @ w[k]^T + b[k]``. xg: K x N x In (rows may be strided), w: K x Out x In,
     b: K x Out or None. Returns K tensors N x Out (a list, never stacked: the copy would cost more than
-    oneDNN gains)."""
+    oneDNN gains). out (K x N x Out) and xbuf (K x N x In), reused buffers for the bmm variant: a fresh
+    output over glibc's 32 MB mmap limit is page-faulted anew on every call (at hidden 1024, K = 4 that
+    made the product 1.8x slower), and MKL's bmm reads strided rows 15-25% slower than one contiguous copy."""
     K, N, In = xg.shape
     Out = w.size(1)
 
@@ -193,19 +196,30 @@ def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
         n = bucket(N)
         xs, ws = torch.randn(K, n, In, generator=gen), torch.randn(K, Out, In, generator=gen)
         bs = None if b is None else torch.randn(K, Out, generator=gen)
-        return lambda: _grouped_linear_bmm(xs, ws, bs), lambda: _grouped_linear_onednn(xs, ws, bs)
+        xs = xs.transpose(0, 1).contiguous().transpose(0, 1) if not xg.is_contiguous() else xs  # strided as xg
+        o, xb = torch.empty(K, n, Out), torch.empty(K, n, In)
+        return lambda: _grouped_linear_bmm(xs, ws, bs, o, xb), lambda: _grouped_linear_onednn(xs, ws, bs)
 
     if onednn_faster(xg, ("fused_linear", K, bucket(N), In, Out, b is not None), case, K * N * In * Out):
         return _grouped_linear_onednn(xg, w, b)
-    return _grouped_linear_bmm(xg, w, b)
+    return _grouped_linear_bmm(xg, w, b, out, xbuf)
 
 
 def _grouped_linear_onednn(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
     return [onednn_mm(xg[k], w[k], None if b is None else b[k]) for k in range(xg.size(0))]
 
 
-def _grouped_linear_bmm(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
-    return list(_grouped_linear_aten(False, xg, w, b).unbind(0))  # K x N x Out -> K x (N x Out)
+def _grouped_linear_bmm(xg: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = None,
+                        xbuf: Optional[Tensor] = None) -> List[Tensor]:
+    if out is None:
+        return list(_grouped_linear_aten(False, xg, w, b).unbind(0))  # K x N x Out -> K x (N x Out)
+    if xbuf is not None and not xg.is_contiguous():
+        xg = xbuf.copy_(xg)  # K x N x In, contiguous
+    if b is None:
+        torch.bmm(xg, w.transpose(1, 2), out=out)  # K x N x In @ K x In x Out -> K x N x Out
+    else:
+        out.copy_(b.unsqueeze(1)).baddbmm_(xg, w.transpose(1, 2))  # K x 1 x Out + K x N x In @ K x In x Out
+    return list(out.unbind(0))  # K x N x Out -> K x (N x Out)
 
 
 def _grouped_weight_grad(dg: Tensor, xg: Tensor) -> Tensor:
@@ -321,22 +335,25 @@ def _forward(
     scale = scale.view(G4)  # 4H/K
     products = _StepProducts(x, w_hh * scale.view(1, G4, 1), None, B)  # K x 4H/K x H/K, g rows doubled
     bias = None if b_ih is None else (b_ih + b_hh) * scale  # K x 4H/K
-    # input projections (bias included) of all time steps, one product per group
-    xg = x.reshape(T * B, K, Ik).transpose(0, 1)  # T x B x I -> K x (T*B) x I/K
-    Gs = [g.view(T, B, G4) for g in _grouped_linear(xg, w_ih * scale.view(1, G4, 1), bias)]  # K x (T x B x 4H/K)
 
     # What backward needs (the "saved" slab; returned to the pool when the graph node dies), computed while
     # each step's gates are in cache: R[:, t] is the recurrent input of step t, shuffle(h_{t-1}), group-major;
     # Q holds the gate derivatives (d pre-activation = dc * Q for i, f, g and dh * Q for o);
     # QC = o (1 - tanh^2 c) (dc += dh * QC); F = f (dc_{t-1} = dc_t * f).
     # Scratch (returned at the end of the call): C[:, t + 1] = c_t, C[:, 0] = c_0; the step buffers.
+    # The input projections of all steps go to G (K x T*B x 4H/K) and their input's contiguous copy to Xc.
     r_shape, c_shape, step = (K, T + 1, B, Hk), (K, T + 1, B, Hk), (K, B, Hk)
+    scratch = [c_shape, step, (K, B, G4), step, (K, T * B, G4), (K, T * B, Ik)]
     if save:
         saved_slab, (R, Q, QC, F) = _WORKSPACE.take([r_shape, (K, T, B, G4), (K, T, B, Hk), (K, T, B, Hk)], x)
-        scratch_slab, (C, tc, gbuf, rin) = _WORKSPACE.take([c_shape, step, (K, B, G4), step], x)
+        scratch_slab, (C, tc, gbuf, rin, G, Xc) = _WORKSPACE.take(scratch, x)
     else:
         saved_slab = None
-        scratch_slab, (R, C, tc, gbuf, rin) = _WORKSPACE.take([r_shape, c_shape, step, (K, B, G4), step], x)
+        scratch_slab, (R, C, tc, gbuf, rin, G, Xc) = _WORKSPACE.take([r_shape] + scratch, x)
+    # input projections (bias included) of all time steps, one product per group
+    xg = x.reshape(T * B, K, Ik).transpose(0, 1)  # T x B x I -> K x (T*B) x I/K
+    Gs = _grouped_linear(xg, w_ih * scale.view(1, G4, 1), bias, G, Xc)  # K x (T*B x 4H/K)
+    Gs = [g.view(T, B, G4) for g in Gs]  # K x (T x B x 4H/K)
     Rh = _h_view(R, K, shuffle)  # K x (T+1) x B x K' x H/K/K', indexed in h order
     Rh[:, 0].copy_(_h_split(h0.view(B, K, Hk).transpose(0, 1), K, shuffle))  # B x H -> K x B x H/K
     C[:, 0].copy_(c0.view(B, K, Hk).transpose(0, 1))  # B x H -> K x B x H/K
