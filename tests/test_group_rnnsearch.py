@@ -109,6 +109,31 @@ def test_incremental_decoding_equals_full_forward(groups, attention, design):
         torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("first_groups", [1, 2])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_deferred_weight_gradients_equal_per_step_ones(groups, first_groups):
+    """The decoder loop computes its weights' gradients once over all steps (deferred_weight_grads): every
+    parameter's gradient equals the one of the per-step computation (GRNN_DEFER=0)."""
+    from grnn_fairseq.modules import linear as lin_mod
+
+    model = tiny(groups, "bahdanau", "--decoder-first-layer-groups", str(first_groups))
+    src, lengths = left_padded_batch([5, 3, 4])
+    prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)
+    grads = []
+    for defer in (True, False):
+        previous = lin_mod.set_deferred(defer)
+        try:
+            model.zero_grad()
+            lp, _ = log_probs(model, src, lengths, prev)
+            (lp * torch.linspace(-1, 1, lp.numel(), dtype=lp.dtype).view_as(lp)).sum().backward()
+        finally:
+            lin_mod.set_deferred(previous)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("first_layer" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("groups", [1, 4])
 def test_source_padding_does_not_change_the_output(groups, design):

@@ -1,5 +1,7 @@
 """grnn_fairseq.modules.linear: oneDNN linears against F.linear / bmm, outputs and every gradient."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -125,3 +127,57 @@ def test_sigmoid_tanh_matches_torch_tanh():
         (y2 * w).sum().backward()
         assert (y - y2).abs().max() < tol and (x.grad - x2.grad).abs().max() < 4 * tol
     assert tanh(torch.tensor([50.0, -50.0, 0.0])).tolist() == [1.0, -1.0, 0.0]
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_deferred_weight_grads_match_per_step(K):
+    """A loop that applies the same weights at every step (input feeding, like the decoder's): inside
+    deferred_weight_grads() every gradient equals the per-step one, also when the graph is retained and
+    backward runs twice, when a weight is used outside the scope too, and when the scope is switched off."""
+    torch.manual_seed(0)
+    w = torch.randn(K, 6, 4, dtype=torch.float64, requires_grad=True)  # grouped: K x Out/K x In/K
+    b = torch.randn(K, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(4 * K, 6 * K, dtype=torch.float64, requires_grad=True)  # a linear's Out x In
+    x = torch.randn(5, 2, 4 * K, dtype=torch.float64, requires_grad=True)
+
+    def run(defer, twice=False):
+        params = [x, w, b, v]
+        ctx = lin_mod.deferred_weight_grads() if defer else contextlib.nullcontext()
+        h, outs = torch.zeros(2, 4 * K, dtype=torch.float64), []
+        with ctx:
+            for t in range(5):
+                z = grouped_linear((x[t] + h).view(2, K, 4).transpose(0, 1), w, b)  # K x 2 x 6
+                h = torch.tanh(linear(z.transpose(0, 1).reshape(2, 6 * K), v))  # 2 x 4K
+                outs.append(h)
+        loss = (torch.stack(outs) ** 2).sum() + linear(x[0], v.t()).sum()  # v outside the scope as well
+        if twice:
+            first = torch.autograd.grad(loss, params, retain_graph=True)
+            second = torch.autograd.grad(loss, params)
+            assert all(torch.equal(a, c) for a, c in zip(first, second))
+            return first
+        return torch.autograd.grad(loss, params)
+
+    want = run(False)
+    for got in (run(True), run(True, twice=True)):
+        for g, e in zip(got, want):
+            assert torch.allclose(g, e, atol=1e-12), (g - e).abs().max()
+    previous = lin_mod.set_deferred(False)
+    try:
+        with lin_mod.deferred_weight_grads():
+            assert lin_mod._DEFER is None
+    finally:
+        lin_mod.set_deferred(previous)
+
+
+def test_deferred_scope_defers_only_trainable_leaf_weights():
+    w = torch.randn(6, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+    with lin_mod.deferred_weight_grads():
+        assert lin_mod._deferred(x, w) is lin_mod._deferred(x, w)  # one gate per weight and scope
+        assert lin_mod._deferred(x, w.detach()) is None  # no grad wanted
+        assert lin_mod._deferred(x, w * 2) is None  # not a leaf: its producer's own backward handles it
+        with torch.no_grad():
+            assert lin_mod._deferred(x, w) is None  # inference
+            y = linear(x, w)
+        assert not y.requires_grad
+    assert lin_mod._DEFER is None

@@ -30,6 +30,7 @@ from fairseq.tasks.translation import TranslationTask
 from torch import Tensor
 
 from grnn_fairseq.modules import CELLS, recurrent_stack
+from grnn_fairseq.modules.dropout import dropout, dropout_mask
 from grnn_fairseq.modules.lightrnn import LightRNNVocabulary
 from grnn_fairseq.modules.linear import Linear, linear
 from grnn_fairseq.safeguards import check_dictionary_sizes
@@ -54,8 +55,8 @@ def sequence_dropout(x: Tensor, p: float, training: bool, variational: bool) -> 
     if not training or p == 0:
         return x
     if not variational:
-        return F.dropout(x, p, training=True)
-    mask = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - p) / (1 - p)  # B x 1 x C
+        return dropout(x, p, training=True)
+    mask = dropout_mask(x[:, :1], p)  # B x 1 x C
     return x * mask
 
 

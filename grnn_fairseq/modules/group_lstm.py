@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dropout import dropout, dropout_mask
 from .fused_group_lstm import fused_group_lstm_direction, fused_supported, lstm_cell_pointwise
 from .linear import grouped_linear
 
@@ -359,7 +360,7 @@ class GroupLSTM(nn.Module):
 
     def _dropout_mask(self, like: Tensor, p: float) -> Tensor:
         """A B x C inverted-dropout mask (one per sequence)."""
-        return torch.empty_like(like).bernoulli_(1 - p) / (1 - p)
+        return dropout_mask(like, p)
 
     def layer_input(self, x: Tensor, layer: int) -> Tensor:
         """What layer ``layer`` > 0 reads: dropout, then the shuffle (both act per channel, so they commute)."""
@@ -367,7 +368,7 @@ class GroupLSTM(nn.Module):
             if self.variational:
                 x = x * self._dropout_mask(x[0], self.dropout).unsqueeze(0)  # B x C mask, broadcast over T
             else:
-                x = F.dropout(x, self.dropout, training=True)
+                x = dropout(x, self.dropout, training=True)
         if self.shuffle_layers and self.groups > 1:
             x = channel_shuffle(x, self.groups)  # T x B x D*H, K groups
         return x

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .dropout import dropout, dropout_mask
 from .group_lstm import channel_shuffle, check_stack, fused_enabled, reverse_padded, step_mask
 
 
@@ -254,10 +255,10 @@ class SRU(nn.Module):
         """What a layer above the first reads: dropout, then the shuffle (both per channel, so they commute)."""
         if self.training and self.dropout > 0:
             if self.variational:
-                mask = torch.empty_like(x[0]).bernoulli_(1 - self.dropout) / (1 - self.dropout)  # B x C
+                mask = dropout_mask(x[0], self.dropout)  # B x C
                 x = x * mask.unsqueeze(0)
             else:
-                x = F.dropout(x, self.dropout, training=True)
+                x = dropout(x, self.dropout, training=True)
         if self.shuffle_layers and self.groups > 1:
             x = channel_shuffle(x, self.groups)  # T x B x D*H, K groups
         return x
