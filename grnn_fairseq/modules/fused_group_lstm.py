@@ -363,41 +363,34 @@ def _forward(
         _h_view(rm.unsqueeze(1), K, shuffle).squeeze(1).copy_(_h_split(rmask.view(B, K, Hk).transpose(0, 1), K, shuffle))
     s = (K, B, K, Hk // K) if shuffle else (K, B, 1, Hk)
     kernel = _kernel.kernel_for(x)
-    threads = torch.get_num_threads()
     out = x.new_empty(T, B, H)  # a copy, never a view of R (saved for backward); the kernel writes it as it goes
-    for t in range(T):
-        r = R[:, t]  # K x B x H/K
-        if rm is not None:
-            r = torch.mul(r, rm, out=rin)
-        g_t = [g[t] for g in Gs]  # K x (B x 4H/K)
-        if kernel is not None:  # the step's pointwise work in one pass of the C kernel
-            z, x_add = products.parts(r, g_t, gbuf)  # K x (B x 4H/K) each
-            kernel.forward_step(
-                K, B, Hk, shuffle, _kernel.pointers(z), None if x_add is None else _kernel.pointers(x_add), 0, G4,
-                C[:, t].data_ptr(), C[:, t + 1].data_ptr(), C.stride(0), R[:, t + 1].data_ptr(), R.stride(0),
-                Q[:, t].data_ptr() if save else None, Q.stride(0) if save else 0,
-                QC[:, t].data_ptr() if save else None, F[:, t].data_ptr() if save else None,
-                QC.stride(0) if save else 0, out[t].data_ptr(), threads,
-            )
-            continue
-        products.forward(r, g_t, gbuf).sigmoid_()
-        i, f, g, o = gbuf.chunk(4, dim=-1)  # each K x B x H/K
-        if save:
-            q = torch.addcmul(gbuf, gbuf, gbuf, value=-1, out=Q[:, t])  # s (1 - s), all four gates
-        g.mul_(2).sub_(1)  # tanh
-        c = torch.mul(f, C[:, t], out=C[:, t + 1])
-        c.addcmul_(i, g)  # c_t = f * c_{t-1} + i * g
-        tanh_into(c, tc)
-        torch.mul(o.reshape(s), tc.view(s), out=Rh[:, t + 1])  # h_t = o * tanh(c_t), into the shuffled slot
-        if save:
-            qi, qf, qg, qo = q.chunk(4, dim=-1)
-            qi.mul_(g)  # g i (1 - i)
-            qf.mul_(C[:, t])  # c_{t-1} f (1 - f)
-            qg.mul_(i).mul_(4)  # i (1 - g^2) = 4 i s (1 - s)
-            qo.mul_(tc)  # tanh(c) o (1 - o)
-            qc = torch.mul(tc, tc, out=QC[:, t])
-            torch.addcmul(o, o, qc, value=-1, out=qc)  # o (1 - tanh^2 c)
-            F[:, t].copy_(f)
+    if kernel is not None:  # each step's pointwise work in one pass of the C kernel
+        saved = (Q, QC, F) if save else (None, None, None)
+        _forward_steps_kernel(kernel, products, Gs, R, C, rm, rin, gbuf, *saved, out, shuffle)
+    else:
+        for t in range(T):  # the same step in PyTorch operations
+            r = R[:, t]  # K x B x H/K
+            if rm is not None:
+                r = torch.mul(r, rm, out=rin)
+            g_t = [g[t] for g in Gs]  # K x (B x 4H/K)
+            products.forward(r, g_t, gbuf).sigmoid_()
+            i, f, g, o = gbuf.chunk(4, dim=-1)  # each K x B x H/K
+            if save:
+                q = torch.addcmul(gbuf, gbuf, gbuf, value=-1, out=Q[:, t])  # s (1 - s), all four gates
+            g.mul_(2).sub_(1)  # tanh
+            c = torch.mul(f, C[:, t], out=C[:, t + 1])
+            c.addcmul_(i, g)  # c_t = f * c_{t-1} + i * g
+            tanh_into(c, tc)
+            torch.mul(o.reshape(s), tc.view(s), out=Rh[:, t + 1])  # h_t = o * tanh(c_t), into the shuffled slot
+            if save:
+                qi, qf, qg, qo = q.chunk(4, dim=-1)
+                qi.mul_(g)  # g i (1 - i)
+                qf.mul_(C[:, t])  # c_{t-1} f (1 - f)
+                qg.mul_(i).mul_(4)  # i (1 - g^2) = 4 i s (1 - s)
+                qo.mul_(tc)  # tanh(c) o (1 - o)
+                qc = torch.mul(tc, tc, out=QC[:, t])
+                torch.addcmul(o, o, qc, value=-1, out=qc)  # o (1 - tanh^2 c)
+                F[:, t].copy_(f)
 
     if kernel is None:  # outputs in plain order: K x T x B x K' x H/K/K' -> T x B x K x K' x H/K/K' -> T x B x H
         out.view(T, B, K, *s[2:]).copy_(Rh[:, 1:].permute(1, 2, 0, 3, 4))
@@ -415,6 +408,92 @@ def _forward(
     _WORKSPACE.give(scratch_slab)
     saved = (saved_slab, Q, QC, F, R, rm) if save else None
     return out, h_n, c_n, saved
+
+
+def _forward_steps_kernel(kernel, products: "_StepProducts", Gs: List[Tensor], R: Tensor, C: Tensor,
+                          rm: Optional[Tensor], rin: Tensor, gbuf: Tensor, Q: Optional[Tensor],
+                          QC: Optional[Tensor], F: Optional[Tensor], out: Tensor, shuffle: bool) -> None:
+    """The forward time loop on the C kernel. Every address is computed ahead by arithmetic on the buffers'
+    strides: at the translation model's sizes (32 rows, H/K = 64) a view per buffer and step cost about as
+    much as the kernel's pass itself.
+
+    Gs: K tensors T x B x 4H/K (contiguous), the input projections; R, C: K x (T+1) x B x H/K; Q, QC, F:
+    K x T x B x (4)H/K, or None when nothing is saved for backward; out: T x B x H. Shapes and meanings as in ``_forward``."""
+    K, T1, B, Hk = R.shape
+    T, G4, e = T1 - 1, 4 * Hk, R.element_size()
+    assert all(g.is_contiguous() for g in Gs)
+    Rs = R.unbind(1)  # T+1 x (K x B x H/K), the recurrent inputs
+    c0, cs, r0, rs = C.data_ptr(), C.stride(1) * e, R.data_ptr(), R.stride(1) * e  # step t: base + t * stride
+    o0, os_ = out.data_ptr(), out.stride(0) * e
+    save = Q is not None
+    if save:
+        q0, qs, qc0, f0, ss = Q.data_ptr(), Q.stride(1) * e, QC.data_ptr(), F.data_ptr(), QC.stride(1) * e
+    gs_arr = _kernel.pointers(Gs)  # step t's input projections: Gs[k] + t*B*4H/K (x_off)
+    z_arr = _kernel.pointers(gbuf.unbind(0))  # the bmm path's products land in gbuf, K x B x 4H/K
+    threads = torch.get_num_threads()
+    for t in range(T):
+        r = Rs[t] if rm is None else torch.mul(Rs[t], rm, out=rin)  # K x B x H/K
+        if products.mkldnn:  # oneDNN adds the input projections itself: K new tensors B x 4H/K
+            z = products.parts(r, [g[t] for g in Gs], gbuf)[0]
+            z_step, x_step = _kernel.pointers(z), None
+        else:
+            torch.bmm(r, products.w_t, out=gbuf)  # K x B x H/K @ K x H/K x 4H/K -> K x B x 4H/K
+            z_step, x_step = z_arr, gs_arr
+        kernel.forward_step(
+            K, B, Hk, shuffle, z_step, x_step, t * B * G4, G4, c0 + t * cs, c0 + (t + 1) * cs, C.stride(0),
+            r0 + (t + 1) * rs, R.stride(0), q0 + t * qs if save else None, Q.stride(0) if save else 0,
+            qc0 + t * ss if save else None, f0 + t * ss if save else None, QC.stride(0) if save else 0,
+            o0 + t * os_, threads,
+        )  # fmt: skip
+        del z_step  # (oneDNN's step outputs live until the kernel has read them)
+
+
+def _backward_steps_kernel(kernel, products: "_StepProducts", d_out: Optional[Tensor], dhn: Optional[Tensor],
+                           dcn: Optional[Tensor], ends: List[Optional[Tensor]], rm: Optional[Tensor], Q: Tensor,
+                           QC: Tensor, F: Tensor, DG: Tensor, dc: Tensor, dc_prev: Tensor, dr_buf: Tensor,
+                           shuffle: bool) -> Optional[Tensor]:
+    """The backward time loop on the C kernel, addresses computed ahead as in ``_forward_steps_kernel``.
+
+    d_out: T x B x H (contiguous) or None; dhn, dcn: K x B x H/K or None; ends[t + 1]: the sequences whose last
+    step is t; Q, QC, F: what forward saved; DG: K x T x B x 4H/K, written; dc: K x B x H/K, dc_T on entry
+    and dc_0 on return; dc_prev: scratch. Returns dr_buf holding the gradient of step 0's recurrent input
+    (K x B x H/K, r order, times the dropout mask), or None when T = 0."""
+    K, T, B, G4 = Q.shape
+    Hk, e = G4 // 4, Q.element_size()
+    H = K * Hk
+    DGs = DG.unbind(1)  # T x (K x B x 4H/K)
+    q0, qs, qc0, f0, ss = Q.data_ptr(), Q.stride(1) * e, QC.data_ptr(), F.data_ptr(), QC.stride(1) * e
+    dg0, dgs = DG.data_ptr(), DG.stride(1) * e  # step t: base + t * stride
+    dy0, dys = (None, 0) if d_out is None else (d_out.data_ptr(), d_out.stride(0) * e)
+    dr_arr = _kernel.pointers(dr_buf.unbind(0))  # the bmm path's dr lands in dr_buf, K x B x H/K
+    threads = torch.get_num_threads()
+    dr_step = dr = None
+    for t in range(T - 1, -1, -1):
+        dh_add, done = None, ends[t + 1]
+        if done is not None:
+            if dhn is not None:
+                # dc_prev (unused by the kernel) holds dh_n of the sequences ending here: K x B x H/K, h order
+                dh_add = dc_prev.zero_().index_copy_(1, done, dhn.index_select(1, done))
+            if dcn is not None:
+                dc.index_add_(1, done, dcn.index_select(1, done))
+        kernel.backward_step(
+            K, B, Hk, shuffle, None if dy0 is None else dy0 + t * dys, Hk, H, dr_step,
+            None if rm is None else rm.data_ptr(), None if dh_add is None else dh_add.data_ptr(), q0 + t * qs,
+            Q.stride(0), qc0 + t * ss, f0 + t * ss, QC.stride(0), dc.data_ptr(), dg0 + t * dgs, DG.stride(0),
+            threads,
+        )  # fmt: skip
+        # dr = DG[:, t] @ W_hh; the kernel multiplies it by rm as it reads it at the next step
+        if products.mkldnn:
+            dr = products.grad_parts(DGs[t], dr_buf)  # K x (B x H/K), new tensors
+            dr_step = _kernel.pointers(dr)
+        else:
+            dr = torch.bmm(DGs[t], products.w_grad, out=dr_buf)  # K x B x 4H/K @ K x 4H/K x H/K -> K x B x H/K
+            dr_step = dr_arr
+    if dr is None:
+        return None
+    if products.mkldnn:
+        torch.stack(dr, out=dr_buf)  # K x (B x H/K) -> K x B x H/K
+    return dr_buf if rm is None else dr_buf.mul_(rm)
 
 
 def _prefix_mask(lengths: Tensor, T: int) -> Tensor:
@@ -474,66 +553,44 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
         # the backward loop: DG[:, t] = d(pre-activation gates) of step t = Q[:, t] * (dc, dc, dc, dh)
         products = _StepProducts(x, None, w_hh, B)
         kernel = _kernel.kernel_for(x)
-        threads = torch.get_num_threads()
         step = (K, B, Hk)
         scratch_slab, (DG, dc, dc_prev, dh, dr_buf) = _WORKSPACE.take([tuple(Q.shape), step, step, step, step], x)
         dc.zero_()
-        dr = None  # the gradient of step t + 1's recurrent input, r order: K x B x H/K (a list of K with the kernel)
-        if kernel is not None and dy is not None:
-            d_out = d_out.contiguous()  # T x B x H, read by the kernel as dy[k, t, b] = d_out[t, b, k*H/K:]
-        for t in range(T - 1, -1, -1):
-            e = ends[t + 1]
-            if kernel is not None:  # the step's pointwise work in one pass of the C kernel
-                dh_add = None
+        if kernel is not None:  # each step's pointwise work in one pass of the C kernel
+            dy_rows = None if dy is None else d_out.contiguous()  # T x B x H: dy[k, t, b] = d_out[t, b, k*H/K:]
+            dr = _backward_steps_kernel(kernel, products, dy_rows, dhn, dcn, ends, rm, Q, QC, F, DG, dc, dc_prev,
+                                        dr_buf, shuffle)  # fmt: skip
+        else:
+            dr = None  # the gradient of step t + 1's recurrent input, r order: K x B x H/K
+            for t in range(T - 1, -1, -1):
+                e = ends[t + 1]
+                # dh_t = d out_t + unshuffle(dr_{t+1})
+                if dr is None:
+                    if dy is None:
+                        dh.zero_()
+                    else:
+                        dh.copy_(dy[:, t])
+                else:
+                    carry = _h_view(dr.unsqueeze(1), K, shuffle).squeeze(1)  # r order read in h order
+                    if dy is None:
+                        dh.view(s).copy_(carry)
+                    else:
+                        torch.add(dy[:, t].view(s), carry, out=dh.view(s))
                 if e is not None:
                     if dhn is not None:
-                        # dc_prev (unused by the kernel) holds dh_n of the sequences ending here: K x B x H/K, h order
-                        dh_add = dc_prev.zero_().index_copy_(1, e, dhn.index_select(1, e))
+                        dh.index_add_(1, e, dhn.index_select(1, e))
                     if dcn is not None:
                         dc.index_add_(1, e, dcn.index_select(1, e))
-                kernel.backward_step(
-                    K, B, Hk, shuffle, None if dy is None else d_out[t].data_ptr(), Hk, H,
-                    None if dr is None else _kernel.pointers(dr), None if rm is None else rm.data_ptr(),
-                    None if dh_add is None else dh_add.data_ptr(), Q[:, t].data_ptr(), Q.stride(0),
-                    QC[:, t].data_ptr(), F[:, t].data_ptr(), QC.stride(0), dc.data_ptr(), DG[:, t].data_ptr(),
-                    DG.stride(0), threads,
-                )
-                # the kernel multiplies dr by rm as it reads it at the next step (below for dh0)
-                dr = products.grad_parts(DG[:, t], dr_buf)  # K x (B x H/K)
-                continue
-            # dh_t = d out_t + unshuffle(dr_{t+1})
-            if dr is None:
-                if dy is None:
-                    dh.zero_()
-                else:
-                    dh.copy_(dy[:, t])
-            else:
-                carry = _h_view(dr.unsqueeze(1), K, shuffle).squeeze(1)  # r order read in h order
-                if dy is None:
-                    dh.view(s).copy_(carry)
-                else:
-                    torch.add(dy[:, t].view(s), carry, out=dh.view(s))
-            if e is not None:
-                if dhn is not None:
-                    dh.index_add_(1, e, dhn.index_select(1, e))
-                if dcn is not None:
-                    dc.index_add_(1, e, dcn.index_select(1, e))
-            q, dg = Q[:, t], DG[:, t]  # K x B x 4H/K
-            torch.mul(q[..., 3 * Hk :], dh, out=dg[..., 3 * Hk :])  # o
-            dc.addcmul_(dh, QC[:, t])
-            ifg = (K, B, 3, Hk)
-            torch.mul(q[..., : 3 * Hk].view(ifg), dc.unsqueeze(2), out=dg[..., : 3 * Hk].view(ifg))  # i, f, g
-            torch.mul(dc, F[:, t], out=dc_prev)  # dc_{t-1} = dc_t * f
-            dc, dc_prev = dc_prev, dc
-            dr = products.backward(dg, dr_buf)
-            if rm is not None:
-                dr.mul_(rm)
-        if kernel is not None and dr is not None:
-            if products.mkldnn:
-                torch.stack(dr, out=dr_buf)  # K x (B x H/K) -> K x B x H/K
-            dr = dr_buf
-            if rm is not None:
-                dr.mul_(rm)
+                q, dg = Q[:, t], DG[:, t]  # K x B x 4H/K
+                torch.mul(q[..., 3 * Hk :], dh, out=dg[..., 3 * Hk :])  # o
+                dc.addcmul_(dh, QC[:, t])
+                ifg = (K, B, 3, Hk)
+                torch.mul(q[..., : 3 * Hk].view(ifg), dc.unsqueeze(2), out=dg[..., : 3 * Hk].view(ifg))  # i, f, g
+                torch.mul(dc, F[:, t], out=dc_prev)  # dc_{t-1} = dc_t * f
+                dc, dc_prev = dc_prev, dc
+                dr = products.backward(dg, dr_buf)
+                if rm is not None:
+                    dr.mul_(rm)
         dh0 = x.new_zeros(K, B, Hk)
         if dr is not None:
             dh0.view(s).copy_(_h_view(dr.unsqueeze(1), K, shuffle).squeeze(1))  # unshuffle into h order
