@@ -109,6 +109,27 @@ def test_incremental_decoding_equals_full_forward(groups, attention, design):
         torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_split_first_layer_is_the_cell(groups):
+    """With one group the decoder computes the first layer's gates split (embeddings for all steps at once,
+    [a_{t-1}; s_{t-1}] per step): outputs and every gradient equal those of GroupLSTMCell on [e_t; a_{t-1}]."""
+    model = tiny(groups)
+    src, lengths = left_padded_batch([5, 3, 4])
+    prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)
+    results = []
+    for split in (True, False):
+        model.decoder.split_first_layer = split
+        model.zero_grad()
+        lp, _ = log_probs(model, src, lengths, prev)
+        (lp * torch.linspace(-1, 1, lp.numel(), dtype=lp.dtype).view_as(lp)).sum().backward()
+        results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    model.decoder.split_first_layer = True
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name in results[0][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=0, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("first_groups", [1, 2])
 @pytest.mark.parametrize("groups", [1, 4])
 def test_deferred_weight_gradients_equal_per_step_ones(groups, first_groups):

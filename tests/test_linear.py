@@ -144,10 +144,12 @@ def test_deferred_weight_grads_match_per_step(K):
         params = [x, w, b, v]
         ctx = lin_mod.deferred_weight_grads() if defer else contextlib.nullcontext()
         h, outs = torch.zeros(2, 4 * K, dtype=torch.float64), []
+        u = torch.cat([v[:, : 2 * K], v[:, : 2 * K]], dim=1)[:, : 4 * K] * 0.5  # 4K x 4K, not a leaf
         with ctx:
             for t in range(5):
                 z = grouped_linear((x[t] + h).view(2, K, 4).transpose(0, 1), w, b)  # K x 2 x 6
                 h = torch.tanh(linear(z.transpose(0, 1).reshape(2, 6 * K), v))  # 2 x 4K
+                h = h + linear(h, u)  # a weight made from parameters once before the loop
                 outs.append(h)
         loss = (torch.stack(outs) ** 2).sum() + linear(x[0], v.t()).sum()  # v outside the scope as well
         if twice:
@@ -169,13 +171,14 @@ def test_deferred_weight_grads_match_per_step(K):
         lin_mod.set_deferred(previous)
 
 
-def test_deferred_scope_defers_only_trainable_leaf_weights():
+def test_deferred_scope_defers_weights_that_want_grad_one_gate_each():
     w = torch.randn(6, 4, requires_grad=True)
     x = torch.randn(3, 4)
     with lin_mod.deferred_weight_grads():
         assert lin_mod._deferred(x, w) is lin_mod._deferred(x, w)  # one gate per weight and scope
         assert lin_mod._deferred(x, w.detach()) is None  # no grad wanted
-        assert lin_mod._deferred(x, w * 2) is None  # not a leaf: its producer's own backward handles it
+        w2 = w[:, 1:] * 2  # made once before a loop, e.g. a concatenation of parameter slices: deferred too
+        assert lin_mod._deferred(x, w2) is lin_mod._deferred(x, w2) is not lin_mod._deferred(x, w)
         with torch.no_grad():
             assert lin_mod._deferred(x, w) is None  # inference
             y = linear(x, w)

@@ -47,3 +47,15 @@ def test_tables():
     assert lines[2] == "| LM (Brown) | SRU | 0.39M | 2.96M | 2327 | ppl 979.0 | ppl 909.2 |"
     assert lines[3] == "| De-En (Ding) | SRU RNNSearch | 4.46M | 8.96M | 779 | loss 8.776 (base 2) | BLEU 0.08 |"
     assert "not available" in lines[4]
+
+
+def test_benchmark_models_leaves_out_the_warm_up_intervals():
+    benchmark_models = pytest.importorskip("benchmark_models")
+    log = "\n".join(
+        ["[...] num. shared model params: 8,110,592 (num. trained: 8,110,592)"]
+        + [f"epoch 001:  {20 * i} / 437 loss=9 wps={w} ups=1" for i, w in enumerate([500.0, 900.0, 1000.0, 1200.0], 1)]
+    ).replace("epoch 001:", "train_inner | epoch 001:")
+    assert benchmark_models.speed_from_log(log, 40) == (1100.0, 8110592)
+    assert benchmark_models.speed_from_log(log, 20) == ((900.0 + 1000.0 + 1200.0) / 3, 8110592)
+    with pytest.raises(SystemExit, match="raise --updates"):
+        benchmark_models.speed_from_log(log, 80)

@@ -54,8 +54,10 @@ from fairseq.tasks.language_modeling import LanguageModelingTask
 from grnn_fairseq.models.group_lstm_lm import check_cell
 from grnn_fairseq.modules import CELLS, RECURRENT_LAYERS, GroupLSTMCell, channel_shuffle, recurrent_stack
 from grnn_fairseq.modules.activations import tanh
+from grnn_fairseq.modules.fused_group_lstm import lstm_cell_pointwise
+from grnn_fairseq.modules.group_lstm import fused_enabled
 from grnn_fairseq.modules.dropout import dropout
-from grnn_fairseq.modules.linear import Linear, deferred_weight_grads, reuse_packed_weights
+from grnn_fairseq.modules.linear import Linear, deferred_weight_grads, linear, reuse_packed_weights
 from grnn_fairseq.safeguards import check_dictionary_sizes
 
 DEFAULT_MAX_POSITIONS = 1024  # the translation task's own default for --max-source/target-positions
@@ -238,6 +240,11 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
     ``upper_h`` (LSTM cells only), ``upper_c`` ((L-1) x B x H) and ``projected_keys`` (S x B x A).
     """
 
+    # with one group, the first layer's gates are split: the embeddings' share for all steps at once, the rest
+    # of the input and the recurrence per step (the same function as ``first_layer(cat([emb_t, feed]))``;
+    # tests switch it off to compare)
+    split_first_layer = True
+
     # batch dimension of every cached tensor, for reorder_incremental_state
     _BATCH_DIM = {"first_h": 0, "first_c": 0, "input_feed": 0, "upper_h": 1, "upper_c": 1, "projected_keys": 1}
 
@@ -354,10 +361,28 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         keys = state["projected_keys"]
         outputs: List[Tensor] = []
         attn: List[Tensor] = []
+        first = self.first_layer
+        split = first.groups == 1 and self.split_first_layer
+        if split:  # the embeddings' share of the first layer's gates: one product for all steps
+            E = emb.size(-1)
+            w_ih, w_hh = first.weight_ih[0], first.weight_hh[0]  # 4H1 x (E + H1), 4H1 x H1
+            bias = None if first.bias_ih is None else first.bias_ih[0] + first.bias_hh[0]  # 4H1
+            gates_emb = linear(emb, w_ih[:, :E], bias)  # T x B x E -> T x B x 4H1
+            # per step one product of [a_{t-1}; s_{t-1}] with the rest (in training; else two, no weight copy)
+            w_step = torch.cat([w_ih[:, E:], w_hh], dim=1) if torch.is_grad_enabled() else None  # 4H1 x 2H1
         # the loop applies the same weights T times: pack them once, and compute their gradients once
         with reuse_packed_weights(), deferred_weight_grads():
-            for emb_t in emb.unbind(0):  # T x B x E -> T x (B x E), one autograd node
-                h, c = self.first_layer(torch.cat([emb_t, feed], dim=1), (h, c))  # B x H1
+            for t, emb_t in enumerate(emb.unbind(0)):  # T x B x E -> T x (B x E), one autograd node
+                if not split:
+                    h, c = first(torch.cat([emb_t, feed], dim=1), (h, c))  # B x H1
+                else:
+                    if w_step is not None:
+                        recurrent = linear(torch.cat([feed, h], dim=1), w_step)  # B x 2H1 -> B x 4H1
+                    else:
+                        recurrent = linear(feed, w_ih[:, E:]) + linear(h, w_hh)  # B x 4H1
+                    h, c = lstm_cell_pointwise((gates_emb[t] + recurrent).unsqueeze(0), c.unsqueeze(0),
+                                               fused_enabled())  # fmt: skip
+                    h, c = h[0], c[0]  # 1 x B x H1 -> B x H1
                 context, weights = attend(self.attention.scores(h, keys), enc, pad)  # B x C, S x B
                 feed = tanh(self.attention_out(torch.cat([h, context], dim=1)))  # a_t: B x H1
                 outputs.append(feed)

@@ -223,8 +223,9 @@ def set_deferred(enabled: bool) -> bool:
 @contextlib.contextmanager
 def deferred_weight_grads():
     """Compute the weight gradients of this scope's ``linear``/``grouped_linear`` calls once, over all their rows,
-    after the backward pass through the scope (a loop applying the same weights at every step). A no-op with
-    ``GRNN_DEFER=0`` or ``set_deferred(False)``."""
+    after the backward pass through the scope (a loop applying the same weights at every step). Weights are
+    told apart by identity: pass the same tensor at every step (a parameter, or a view or product of
+    parameters made once before the loop). A no-op with ``GRNN_DEFER=0`` or ``set_deferred(False)``."""
     global _DEFER
     outer = _DEFER
     if outer is None and _DEFER_ENABLED:
@@ -312,7 +313,7 @@ class _DeferredWeight:
 
 def _deferred(x: Tensor, weight: Tensor) -> Optional[_DeferredWeight]:
     """The weight's ``_DeferredWeight`` when this call defers its gradient, else None."""
-    if _DEFER is None or not weight.requires_grad or not weight.is_leaf or not torch.is_grad_enabled():
+    if _DEFER is None or not weight.requires_grad or not torch.is_grad_enabled():
         return None
     if torch.is_autocast_enabled(x.device.type):
         return None
