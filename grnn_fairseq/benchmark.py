@@ -183,9 +183,9 @@ def plot(results: List[dict], path: str) -> None:
     """Figure 4 left of the paper, one panel per hidden size: parameters and throughput against K."""
     import logging
 
-    import matplotlib
-
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # the fairseq import may leave the root at DEBUG
+    import matplotlib  # (set before the import, which logs at DEBUG itself)
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
