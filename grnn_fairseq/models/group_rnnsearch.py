@@ -54,9 +54,9 @@ from fairseq.tasks.language_modeling import LanguageModelingTask
 from grnn_fairseq.models.group_lstm_lm import check_cell
 from grnn_fairseq.modules import CELLS, RECURRENT_LAYERS, GroupLSTMCell, channel_shuffle, recurrent_stack
 from grnn_fairseq.modules.activations import tanh
+from grnn_fairseq.modules.dropout import dropout
 from grnn_fairseq.modules.fused_group_lstm import lstm_cell_pointwise
 from grnn_fairseq.modules.group_lstm import fused_enabled
-from grnn_fairseq.modules.dropout import dropout
 from grnn_fairseq.modules.linear import Linear, deferred_weight_grads, linear, reuse_packed_weights
 from grnn_fairseq.safeguards import check_dictionary_sizes
 

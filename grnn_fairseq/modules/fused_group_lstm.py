@@ -365,8 +365,8 @@ def _forward(
     kernel = _kernel.kernel_for(x)
     out = x.new_empty(T, B, H)  # a copy, never a view of R (saved for backward); the kernel writes it as it goes
     if kernel is not None:  # each step's pointwise work in one pass of the C kernel
-        saved = (Q, QC, F) if save else (None, None, None)
-        _forward_steps_kernel(kernel, products, Gs, R, C, rm, rin, gbuf, *saved, out, shuffle)
+        kept = (Q, QC, F) if save else (None, None, None)
+        _forward_steps_kernel(kernel, products, Gs, R, C, rm, rin, gbuf, *kept, out, shuffle)
     else:
         for t in range(T):  # the same step in PyTorch operations
             r = R[:, t]  # K x B x H/K
@@ -391,8 +391,7 @@ def _forward(
                 qc = torch.mul(tc, tc, out=QC[:, t])
                 torch.addcmul(o, o, qc, value=-1, out=qc)  # o (1 - tanh^2 c)
                 F[:, t].copy_(f)
-
-    if kernel is None:  # outputs in plain order: K x T x B x K' x H/K/K' -> T x B x K x K' x H/K/K' -> T x B x H
+        # outputs in plain order: K x T x B x K' x H/K/K' -> T x B x K x K' x H/K/K' -> T x B x H
         out.view(T, B, K, *s[2:]).copy_(Rh[:, 1:].permute(1, 2, 0, 3, 4))
     if lengths is None:
         h_n = out[T - 1].clone()
@@ -487,7 +486,7 @@ def _backward_steps_kernel(kernel, products: "_StepProducts", d_out: Optional[Te
             dr = products.grad_parts(DGs[t], dr_buf)  # K x (B x H/K), new tensors
             dr_step = _kernel.pointers(dr)
         else:
-            dr = torch.bmm(DGs[t], products.w_grad, out=dr_buf)  # K x B x 4H/K @ K x 4H/K x H/K -> K x B x H/K
+            dr = products.backward(DGs[t], dr_buf)  # into dr_buf, K x B x H/K
             dr_step = dr_arr
     if dr is None:
         return None

@@ -208,8 +208,6 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 _DEFER: Optional[Dict[int, "_DeferredWeight"]] = None  # id(weight) -> its entry
-
-
 _DEFER_ENABLED = os.environ.get("GRNN_DEFER", "1") != "0"
 
 
@@ -274,13 +272,7 @@ class _DeferredGroupedLinear(torch.autograd.Function):
     def forward(ctx, xg: Tensor, weight: Tensor, bias: Optional[Tensor], deferred: "_DeferredWeight") -> Tensor:
         ctx.save_for_backward(xg, weight)
         ctx.rows, ctx.has_bias = deferred.rows, bias is not None
-        w_t = deferred.weight_t
-        if xg.size(0) == 1:  # N x In @ In x Out -> 1 x N x Out
-            out = torch.mm(xg[0], w_t[0]) if bias is None else torch.addmm(bias[0], xg[0], w_t[0])
-            return out.unsqueeze(0)
-        if bias is None:
-            return torch.bmm(xg, w_t)  # K x N x In @ K x In x Out -> K x N x Out
-        return torch.baddbmm(bias.unsqueeze(1), xg, w_t)
+        return _grouped_linear(False, xg, deferred.weight_t.transpose(1, 2), bias)  # reads weight_t contiguously
 
     @staticmethod
     @once_differentiable
