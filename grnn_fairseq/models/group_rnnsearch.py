@@ -362,24 +362,24 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         outputs: List[Tensor] = []
         attn: List[Tensor] = []
         first = self.first_layer
-        split = first.groups == 1 and self.split_first_layer
-        if split:  # the embeddings' share of the first layer's gates: one product for all steps
+        # with several steps (training, scoring) and one group, the embeddings' share of the first layer's gates
+        # is one product for all steps; an incremental step (T = 1) runs the cell as it is
+        split = first.groups == 1 and self.split_first_layer and T > 1
+        if split:
             E = emb.size(-1)
             w_ih, w_hh = first.weight_ih[0], first.weight_hh[0]  # 4H1 x (E + H1), 4H1 x H1
             bias = None if first.bias_ih is None else first.bias_ih[0] + first.bias_hh[0]  # 4H1
-            gates_emb = linear(emb, w_ih[:, :E], bias)  # T x B x E -> T x B x 4H1
-            # per step one product of [a_{t-1}; s_{t-1}] with the rest (in training; else two, no weight copy)
-            w_step = torch.cat([w_ih[:, E:], w_hh], dim=1) if torch.is_grad_enabled() else None  # 4H1 x 2H1
+            # contiguous copies, once per forward: a column slice of w_ih is a strided weight, which sends
+            # oneDNN to its reference kernel
+            gates_emb = linear(emb, w_ih[:, :E].contiguous(), bias)  # T x B x E -> T x B x 4H1
+            w_step = torch.cat([w_ih[:, E:], w_hh], dim=1)  # 4H1 x 2H1: [a_{t-1}; s_{t-1}], one product per step
         # the loop applies the same weights T times: pack them once, and compute their gradients once
         with reuse_packed_weights(), deferred_weight_grads():
             for t, emb_t in enumerate(emb.unbind(0)):  # T x B x E -> T x (B x E), one autograd node
                 if not split:
                     h, c = first(torch.cat([emb_t, feed], dim=1), (h, c))  # B x H1
                 else:
-                    if w_step is not None:
-                        recurrent = linear(torch.cat([feed, h], dim=1), w_step)  # B x 2H1 -> B x 4H1
-                    else:
-                        recurrent = linear(feed, w_ih[:, E:]) + linear(h, w_hh)  # B x 4H1
+                    recurrent = linear(torch.cat([feed, h], dim=1), w_step)  # B x 2H1 -> B x 4H1
                     h, c = lstm_cell_pointwise((gates_emb[t] + recurrent).unsqueeze(0), c.unsqueeze(0),
                                                fused_enabled())  # fmt: skip
                     h, c = h[0], c[0]  # 1 x B x H1 -> B x H1

@@ -200,7 +200,8 @@ def _grouped_linear(xg: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Te
         o, xb = torch.empty(K, n, Out), torch.empty(K, n, In)
         return lambda: _grouped_linear_bmm(xs, ws, bs, o, xb), lambda: _grouped_linear_onednn(xs, ws, bs)
 
-    if onednn_faster(xg, ("fused_linear", K, bucket(N), In, Out, b is not None), case, K * N * In * Out):
+    key = ("fused_linear", K, bucket(N), In, Out, b is not None, xg.is_contiguous())  # measured as xg is laid out
+    if onednn_faster(xg, key, case, K * N * In * Out):
         return _grouped_linear_onednn(xg, w, b)
     return _grouped_linear_bmm(xg, w, b, out, xbuf)
 
@@ -230,12 +231,19 @@ def _grouped_weight_grad(dg: Tensor, xg: Tensor) -> Tensor:
     K, N, In = xg.shape
     Out = dg.size(2)
 
-    def case(gen):
+    # the layer input arrives as K x N x In views of N x (K*In) rows, the recurrent inputs contiguous
+    rows_of_one_matrix = xg.transpose(0, 1).is_contiguous()
+
+    def case(gen):  # random operands laid out as the real ones
         n = bucket(N)
-        dgs, xs = torch.randn(K, n, Out, generator=gen), torch.randn(n, K, In, generator=gen).transpose(0, 1)
+        dgs = torch.randn(K, n, Out, generator=gen)
+        if rows_of_one_matrix:
+            xs = torch.randn(n, K, In, generator=gen).transpose(0, 1)  # n x K x In -> K x n x In
+        else:
+            xs = torch.randn(K, n, In, generator=gen)
         return lambda: _grouped_weight_grad_bmm(dgs, xs), lambda: _grouped_weight_grad_onednn(dgs, xs)
 
-    if onednn_faster(xg, ("fused_wgrad", K, bucket(N), In, Out), case, K * N * In * Out):
+    if onednn_faster(xg, ("fused_wgrad", K, bucket(N), In, Out, rows_of_one_matrix), case, K * N * In * Out):
         return _grouped_weight_grad_onednn(dg, xg)
     return _grouped_weight_grad_bmm(dg, xg)
 

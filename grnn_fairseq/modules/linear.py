@@ -113,10 +113,31 @@ def _training(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _measure_case(run: Callable, shapes, train: bool, gen: torch.Generator):
-    """Closures (aten, oneDNN) running ``run(variant, *operands)`` on random operands of ``shapes`` (None: no
-    operand), forward and, when training, backward."""
-    ops = [None if sh is None else torch.randn(*sh, generator=gen).requires_grad_(train) for sh in shapes]
+def layout(t: Optional[Tensor]) -> Optional[str]:
+    """How an operand is stored, as far as a kernel choice depends on it: "c" contiguous, "t" its last two
+    dimensions transposed (a ``.t()`` view), "s" anything else (strided rows, a column slice)."""
+    if t is None:
+        return None
+    if t.is_contiguous():
+        return "c"
+    return "t" if t.dim() >= 2 and t.transpose(-1, -2).is_contiguous() else "s"
+
+
+def random_operand(shape: Tuple[int, ...], kind: Optional[str], gen: torch.Generator) -> Optional[Tensor]:
+    """A random tensor of ``shape`` stored as ``layout`` says ("s": rows twice as far apart as contiguous)."""
+    if kind is None:
+        return None
+    if kind == "c":
+        return torch.randn(*shape, generator=gen)
+    if kind == "t":
+        return torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen).transpose(-1, -2)
+    return torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)[..., : shape[-1]]
+
+
+def _measure_case(run: Callable, operands, train: bool, gen: torch.Generator):
+    """Closures (aten, oneDNN) running ``run(variant, *operands)`` forward and, when training, backward, on random
+    operands laid out as the real ones: ``operands`` holds (shape, ``layout``) pairs or None (no operand)."""
+    ops = [None if o is None else random_operand(o[0], o[1], gen).requires_grad_(train) for o in operands]
     with torch.no_grad():
         dy = torch.randn(run(False, *ops).shape, generator=gen)  # a dense output gradient (sum()'s has stride 0)
 
@@ -134,8 +155,18 @@ def _measure_case(run: Callable, shapes, train: bool, gen: torch.Generator):
     return closure(False), closure(True)
 
 
+def dense_2d(t: Tensor) -> bool:
+    """Whether a matrix is stored densely, row-major or column-major (a transposed view): the weight layouts
+    oneDNN's inner product runs on its optimized kernels. Any other layout (a column slice such as
+    ``w[:, :E]``, a stride-0 expanded gradient) sends it to its reference kernel, ``ref:any``, 10-100x slower."""
+    return t.is_contiguous() or t.t().is_contiguous()
+
+
 def onednn_mm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``x @ weight^T + bias`` by oneDNN, no autograd. x: N x In (rows may be strided), weight: Out x In."""
+    """``x @ weight^T + bias`` by oneDNN, no autograd. x: N x In (PyTorch hands oneDNN a contiguous copy of
+    strided rows), weight: Out x In, copied first unless ``dense_2d`` (never the reference kernel)."""
+    if not dense_2d(weight):
+        weight = weight.contiguous()
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -195,7 +226,7 @@ class _OneDNNLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor):
         x2, weight = ctx.saved_tensors
-        dy2 = dy.reshape(-1, weight.size(0))  # ... x Out -> N x Out
+        dy2 = dy.reshape(-1, weight.size(0)).contiguous()  # ... x Out -> N x Out (sum()'s gradient has stride 0)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             wt = ctx.weight_t if ctx.weight_t is not None else packed_weight(weight, True, dy2.size(0))  # In x Out
@@ -328,13 +359,16 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         b = None if bias is None else bias.unsqueeze(0)
         out = _DeferredGroupedLinear.apply(x2, deferred.gated, b, deferred)  # 1 x N x Out
         return out.view(*x.shape[:-1], weight.size(0))
-    if x.numel() > 0 and weight.dtype == torch.float32 and use_mkldnn(x):
+    # a weight oneDNN would run on its reference kernel goes to aten's BLAS, which reads any strides
+    if x.numel() > 0 and weight.dtype == torch.float32 and use_mkldnn(x) and dense_2d(weight):
         Out, In = weight.shape
         N, train = bucket(x.numel() // In), _training(x, weight, bias)
-        key = ("linear", N, In, Out, bias is not None, train, _SCOPE is not None)
+        x_kind = "c" if x.is_contiguous() else "s"
+        operands = [((N, In), x_kind), ((Out, In), layout(weight)), None if bias is None else ((Out,), "c")]
+        key = ("linear", N, In, Out, bias is not None, train, _SCOPE is not None, x_kind, layout(weight))
 
         def case(gen):
-            return _measure_case(_linear, [(N, In), (Out, In), None if bias is None else (Out,)], train, gen)
+            return _measure_case(_linear, operands, train, gen)
 
         return _linear(onednn_faster(x, key, case, N * In * Out), x, weight, bias)
     return F.linear(x, weight, bias)
@@ -371,6 +405,7 @@ class _OneDNNGroupedLinear(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         xg, weight = ctx.saved_tensors
         K, N, _ = xg.size()
+        dout = dout.contiguous()  # an expanded (stride-0) gradient would be a strided oneDNN operand
         dxg = dw = db = None
         if ctx.needs_input_grad[0]:
             wts = ctx.weights_t or [packed_weight(w, True, N) for w in weight.unbind(0)]  # K x (In/K x Out/K)
@@ -392,14 +427,14 @@ def grouped_linear(xg: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
     deferred = _deferred(xg, weight) if xg.numel() > 0 else None
     if deferred is not None:
         return _DeferredGroupedLinear.apply(xg, deferred.gated, bias, deferred)
-    if xg.numel() > 0 and weight.dtype == torch.float32 and use_mkldnn(xg):
+    if xg.numel() > 0 and weight.dtype == torch.float32 and use_mkldnn(xg) and layout(weight) != "s":
         K, N, In = xg.shape
         Out, N, train = weight.size(1), bucket(N), _training(xg, weight, bias)
-        key = ("grouped_linear", K, N, In, Out, bias is not None, train, _SCOPE is not None)
+        operands = [((K, N, In), layout(xg)), ((K, Out, In), layout(weight)), None if bias is None else ((K, Out), "c")]
+        key = ("grouped_linear", K, N, In, Out, bias is not None, train, _SCOPE is not None, layout(xg), layout(weight))
 
         def case(gen):
-            return _measure_case(_grouped_linear, [(K, N, In), (K, Out, In), None if bias is None else (K, Out)],
-                                 train, gen)  # fmt: skip
+            return _measure_case(_grouped_linear, operands, train, gen)
 
         return _grouped_linear(onednn_faster(xg, key, case, K * N * In * Out), xg, weight, bias)
     return _grouped_linear(False, xg, weight, bias)
