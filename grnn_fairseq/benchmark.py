@@ -14,7 +14,7 @@ import argparse
 import json
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -225,20 +225,43 @@ def plot(results: List[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def processor_name(device: torch.device) -> str:
-    """The CPU's model name (or the GPU's): kernel choices and ratios differ between processors."""
-    if device.type == "cuda":
+# x86 CPU generations by (vendor, family, model), for the names virtual machines hide ("Intel(R) Xeon(R) Processor")
+CPU_GENERATIONS = {
+    ("GenuineIntel", 6, 143): "Sapphire Rapids",
+    ("GenuineIntel", 6, 207): "Emerald Rapids",
+    ("GenuineIntel", 6, 173): "Granite Rapids",
+    ("GenuineIntel", 6, 106): "Ice Lake",
+    ("GenuineIntel", 6, 85): "Skylake/Cascade Lake",
+    ("AuthenticAMD", 23, 49): "Zen 2 (Rome)",
+    ("AuthenticAMD", 25, 1): "Zen 3 (Milan)",
+    ("AuthenticAMD", 25, 17): "Zen 4 (Genoa)",
+    ("AuthenticAMD", 26, 2): "Zen 5 (Turin)",
+}
+
+
+def processor_name(device: Optional[torch.device] = None) -> str:
+    """The CPU's model name with its vendor, family and model numbers (or the GPU's name): kernel choices and
+    ratios differ between processors, and virtual machines often report a generic name."""
+    if device is not None and device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    import platform
+    if "model name" not in fields:
+        import platform
 
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    vendor, family, model = fields.get("vendor_id", "?"), int(fields.get("cpu family", -1)), int(fields.get("model", -1))
+    generation = CPU_GENERATIONS.get((vendor, family, model))
+    detail = f"{vendor} family {family} model {model}" + (f", {generation}" if generation else "")
+    return f"{fields['model name']} ({detail})"
 
 
 def main(argv=None) -> List[dict]:

@@ -1,18 +1,25 @@
 #!/usr/bin/env python
 """Whole-model training speed: fairseq-train words per second of group_rnnsearch_iwslt against fairseq's own
-LSTM translation model (lstm_wiseman_iwslt_de_en) on the same data, measured in one run.
+LSTM translation model (lstm_wiseman_iwslt_de_en) on the same data, measured side by side in one run.
 
-    python scripts/benchmark_models.py [DATA_BIN] [--updates 120] [--rounds 2] [--json docs/benchmark-models.json]
+    python scripts/benchmark_models.py [DATA_BIN] [--batching batch-size max-tokens] [--updates 120]
+        [--rounds 2] [--threads 1] [--json docs/benchmark-models.json]
 
-Every candidate trains --updates updates from scratch (no validation, no checkpoints, batch 32 sentences,
-Adam); its speed is the mean train_inner wps after the first --warmup-updates (40: two logging intervals),
-which hold one-time costs: allocator warm-up, and for ours the measurement of each product shape's faster
-kernel (``onednn_faster``, about 3 s in all, spread over the first tens of updates as new batch shapes come). The candidates
-run round-robin --rounds times and the median per candidate is reported, so that load from elsewhere hits
-all of them alike. fairseq's model is given our sizes as far as its flags allow: a bidirectional 2-layer
-encoder of 256 per direction and a 2-layer decoder, either 256 wide (lighter than our first decoder layer)
-or 512 wide (heavier than our upper decoder layer), so our model is compared with a lighter and a heavier
-fairseq model.
+Every candidate trains --updates updates from scratch (no validation, no checkpoints, Adam) with its default
+settings: the GRNN_* environment variables are removed from its environment, so nothing but its command line
+decides its execution paths. Two ways of batching, each a table: ``--batch-size 32`` (the paper's De-En
+minibatch) and ``--max-tokens 4000`` (fairseq's usual batching, batches of about 250 short sentences).
+A candidate's speed is the mean train_inner wps after the first --warmup-updates (40: two logging
+intervals), which hold one-time costs (allocator warm-up, packing, any kernel measurement). The candidates
+run round-robin --rounds times and the median per candidate is reported, so that load from elsewhere hits all
+of them alike. Each run's peak resident memory is read from the kernel (``wait4``), and the CPU is recorded.
+
+fairseq's model is given our sizes as far as its flags allow: a bidirectional 2-layer encoder of 256 per
+direction and a 2-layer decoder, either 256 wide (lighter than our first decoder layer) or 512 wide (heavier
+than our upper decoder layer).
+
+``--products onednn`` (or ``bmm``) fixes our models' product kernels (``GRNN_PRODUCTS``) instead of their
+default: on a CPU where aten's BLAS is chosen, it shows the oneDNN path's speed too.
 """
 
 import argparse
@@ -22,9 +29,13 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+sys.path.insert(0, ROOT)
+from grnn_fairseq.benchmark import processor_name  # noqa: E402
+
 FAIRSEQ_SIZES = ["--encoder-bidirectional", "--encoder-layers", "2", "--encoder-hidden-size", "256", "--decoder-layers", "2"]
 CANDIDATES = {
     "fairseq lstm_wiseman_iwslt_de_en, decoder 256": ["--arch", "lstm_wiseman_iwslt_de_en", *FAIRSEQ_SIZES,
@@ -36,54 +47,102 @@ CANDIDATES = {
     "group_rnnsearch_iwslt, groups 4": ["--arch", "group_rnnsearch_iwslt", "--encoder-groups", "4", "--decoder-groups", "4"],
 }
 BASELINES = ["fairseq lstm_wiseman_iwslt_de_en, decoder 256", "fairseq lstm_wiseman_iwslt_de_en, decoder 512"]
+BATCHING = {"batch-size": ["--batch-size", "32"], "max-tokens": ["--max-tokens", "4000"]}
+LOG_INTERVAL = 20
 
 
-def words_per_second(data, flags, updates, warmup):
+def run_measured(cmd, env):
+    """Run ``cmd``; returns (exit code, stdout and stderr, peak resident memory in MiB of that process)."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        return proc.returncode, log.read(), usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
+
+
+def candidate_env(threads, products, ours):
+    """The environment of one run: no GRNN_* settings (defaults), the thread count, and for our models the
+    product choice asked for with --products."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRNN_")}
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if ours and products:
+        env["GRNN_PRODUCTS"] = products
+    return env
+
+
+def words_per_second(data, flags, batching, updates, warmup, env):
     cmd = [os.path.join(BIN, "fairseq-train"), data, "--user-dir", os.path.join(ROOT, "grnn_fairseq"),
            "--task", "translation", *flags, "--optimizer", "adam", "--lr", "0.001", "--clip-norm", "2.5",
-           "--batch-size", "32", "--max-update", str(updates), "--disable-validation", "--no-save",
-           "--log-format", "simple", "--log-interval", "20", "--num-workers", "0", "--seed", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
-    return speed_from_log(out.stdout + out.stderr, warmup)
+           *BATCHING[batching], "--max-update", str(updates), "--disable-validation", "--no-save",
+           "--log-format", "simple", "--log-interval", str(LOG_INTERVAL), "--num-workers", "0", "--seed", "1",
+           "--required-batch-size-multiple", "1"]  # fmt: skip
+    code, log, peak_mib = run_measured(cmd, env)
+    if code != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{log[-3000:]}")
+    wps, params = speed_from_log(log, warmup)
+    return wps, params, peak_mib
 
 
 def speed_from_log(log: str, warmup: int):
     """(mean words per second of the train_inner lines after ``warmup`` updates, model parameters)."""
-    wps = [float(x) for x in re.findall(r"train_inner .*?wps=([\d.]+)", log)][warmup // 20 :]  # 20: --log-interval
+    wps = [float(x) for x in re.findall(r"train_inner .*?wps=([\d.]+)", log)][warmup // LOG_INTERVAL :]
     if not wps:
         raise SystemExit(f"no logging interval after the {warmup} warm-up updates: raise --updates")
     params = int(re.search(r"num\. shared model params: ([\d,]+)", log).group(1).replace(",", ""))
     return sum(wps) / len(wps), params
 
 
+def table(rows, batching):
+    """The markdown table of one batching mode."""
+    lines = [f"{BATCHING[batching][0]} {BATCHING[batching][1]}:", "",
+             "| model | params | words/s | peak RSS | vs fairseq, decoder 256 | vs fairseq, decoder 512 |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['wps']:.0f} | {r['peak_rss_mib']:.0f} MiB | "
+                     f"{r['ratios'][0]:.2f}x | {r['ratios'][1]:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?", default="data/ding-de-en/data-bin")
+    p.add_argument("--batching", nargs="+", choices=list(BATCHING), default=list(BATCHING))
     p.add_argument("--updates", type=int, default=120)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--warmup-updates", type=int, default=40, help="updates left out of the speed (multiple of 20)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run (default 1)")
+    p.add_argument("--warmup-updates", type=int, default=40,
+                   help=f"updates left out of the speed (a multiple of {LOG_INTERVAL})")
+    p.add_argument("--products", choices=["bmm", "onednn"], help="fix our models' product kernels")
+    p.add_argument("--models", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES), metavar="MODEL")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    runs = {name: [] for name in CANDIDATES}
-    params = {}
-    for r in range(args.rounds):
-        for name, flags in CANDIDATES.items():
-            wps, params[name] = words_per_second(args.data, flags, args.updates, args.warmup_updates)
-            runs[name].append(wps)
-            print(f"round {r + 1}: {name}: {wps:.0f} wps", flush=True)
-    base = [statistics.median(runs[b]) for b in BASELINES]
-    print("\n| model | params | words/s | vs fairseq, decoder 256 | vs fairseq, decoder 512 |\n|---|---|---|---|---|")
-    rows = []
-    for name in CANDIDATES:
-        wps = statistics.median(runs[name])
-        ratios = [wps / b for b in base]
-        rows.append({"model": name, "params": params[name], "wps": wps, "ratios": ratios, "runs": runs[name]})
-        print(f"| {name} | {params[name] / 1e6:.2f}M | {wps:.0f} | {ratios[0]:.2f}x | {ratios[1]:.2f}x |")
+    cpu = processor_name(None)
+    print(f"CPU: {cpu}, {args.threads} thread(s)", flush=True)
+    results = {}
+    for batching in args.batching:
+        runs = {name: [] for name in args.models}
+        params, peak = {}, {name: 0.0 for name in args.models}
+        for r in range(args.rounds):
+            for name in args.models:
+                env = candidate_env(args.threads, args.products, not name.startswith("fairseq"))
+                wps, params[name], mib = words_per_second(args.data, CANDIDATES[name], batching, args.updates,
+                                                          args.warmup_updates, env)  # fmt: skip
+                runs[name].append(wps)
+                peak[name] = max(peak[name], mib)
+                print(f"{batching}, round {r + 1}: {name}: {wps:.0f} wps, peak RSS {mib:.0f} MiB", flush=True)
+        base = [statistics.median(runs[b]) if b in runs else float("nan") for b in BASELINES]
+        rows = []
+        for name in args.models:
+            wps = statistics.median(runs[name])
+            rows.append({"model": name, "params": params[name], "wps": wps, "ratios": [wps / b for b in base],
+                         "runs": runs[name], "peak_rss_mib": peak[name]})  # fmt: skip
+        results[batching] = rows
+        print("\n" + table(rows, batching) + "\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+            json.dump({"args": vars(args), "processor": cpu, "batching": results}, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

@@ -59,3 +59,27 @@ def test_benchmark_models_leaves_out_the_warm_up_intervals():
     assert benchmark_models.speed_from_log(log, 20) == ((900.0 + 1000.0 + 1200.0) / 3, 8110592)
     with pytest.raises(SystemExit, match="raise --updates"):
         benchmark_models.speed_from_log(log, 80)
+
+
+def test_benchmark_models_runs_defaults_and_records_memory(monkeypatch):
+    """Every candidate runs without GRNN_* settings (its defaults) unless --products asks, for ours only; a run's
+    peak resident memory is that process's own (a child allocating 200 MB reports at least that)."""
+    benchmark_models = pytest.importorskip("benchmark_models")
+    monkeypatch.setenv("GRNN_PRODUCTS", "onednn")
+    monkeypatch.setenv("GRNN_FUSED", "0")
+    env = benchmark_models.candidate_env(1, None, ours=True)
+    assert not [k for k in env if k.startswith("GRNN_")] and env["OMP_NUM_THREADS"] == "1"
+    assert benchmark_models.candidate_env(2, "bmm", ours=True)["GRNN_PRODUCTS"] == "bmm"
+    assert "GRNN_PRODUCTS" not in benchmark_models.candidate_env(2, "bmm", ours=False)
+    code, log, mib = benchmark_models.run_measured(
+        [sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok')"], env
+    )
+    assert code == 0 and log.strip() == "ok" and 200 <= mib < 1000
+
+
+def test_benchmark_models_table_names_the_batching():
+    benchmark_models = pytest.importorskip("benchmark_models")
+    rows = [{"model": "m", "params": 2.5e6, "wps": 1234.4, "peak_rss_mib": 812.3, "ratios": [1.5, 2.25]}]
+    lines = benchmark_models.table(rows, "max-tokens").splitlines()
+    assert lines[0] == "--max-tokens 4000:"
+    assert lines[-1] == "| m | 2.50M | 1234 | 812 MiB | 1.50x | 2.25x |"
