@@ -8,8 +8,8 @@
 #   SENTENCE     the sentence to translate at the end (or the first argument); when neither is given
 #                and stdin is a terminal, one is read from it, else a default sentence is used
 #   NUM_GROUPS   groups of every LSTM layer (default 2; 1 is the RNNSearch baseline)
-#   MAX_UPDATE   training updates (default 3000, ~7 epochs of the 14k training sentences: measured 28.5 min
-#                of training with one thread while other jobs ran, then about a minute to decode and score)
+#   MAX_UPDATE   training updates (default 3000, ~7 epochs of the 14k training sentences: 28.5 min of training
+#                on one thread of a shared 2-core Intel Xeon, 2026-11-29, then about a minute to decode and score)
 #   OPTIMIZER_FLAGS  default "--optimizer adam --lr 0.002": the paper's Adadelta (scripts/train-iwslt14.sh)
 #                learns too slowly for this budget; the learning rate is still halved on plateaus
 #   MODEL_FLAGS  default "--share-all-embeddings --decoder-dropout-out 0.2": one embedding matrix for the

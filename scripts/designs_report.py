@@ -12,8 +12,8 @@ loss, test perplexity or BLEU) and the same as JSON:
                                      [--skip-nmt] [--out docs/designs]
 
 A row is one entry of LM_ROWS or NMT_ROWS: a name, a label and its fairseq-train flags (and its task, when it
-needs another one). A row whose flags or task this checkout does not know (e.g. LightRNN before its branch is
-merged) is listed as not available instead of failing the report. Every run's log and checkpoints stay in
+needs another one). A row whose flags or task this checkout does not know (a design that another branch adds)
+is listed as not available instead of failing the report. Every run's log and checkpoints stay in
 --save-root/<task>-<name>-u<updates>; a run whose checkpoint_best.pt and log exist is not trained again, so
 scripts/ablation_shuffle.py and this report share their common runs.
 """

@@ -3,8 +3,8 @@ processes (gloo, legacy_ddp); one process with --update-freq 2 sees the same bat
 runs must compute the same model.
 
 Tolerance: the per-update training losses printed by fairseq (3 decimals) must be equal, and every parameter
-within 1e-6 after the last update. (Measured here: identical bits. Gradients are summed in float32 in another
-order than --update-freq sums them, which may differ in the last bit on other machines.)
+within 1e-6 after the last update. (On the AMD EPYC, 2026-11-23: identical bits. Gradients are summed in
+float32 in another order than --update-freq sums them, which may differ in the last bit on other machines.)
 """
 
 import argparse

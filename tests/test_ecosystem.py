@@ -56,7 +56,7 @@ def test_checkpoints_with_eval_bleu_metrics_load_on_torch_2_6(reversal_model):
     registered = torch.serialization.get_safe_globals()
     assert all(g in registered for g in checkpoint_safe_globals())
     torch.serialization.clear_safe_globals()
-    torch.serialization.add_safe_globals([argparse.Namespace])  # what the plugin registered before issue #7
+    torch.serialization.add_safe_globals([argparse.Namespace])  # a plugin that allows only the Namespace
     try:
         with pytest.raises(Exception, match="numpy"):
             torch.load(reversal_model.best, map_location="cpu", weights_only=True)
