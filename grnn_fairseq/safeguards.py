@@ -10,7 +10,7 @@ fairseq handles; it only changes what happens where fairseq would crash or corru
   instead of a traceback inside pickle or torch's zip reader. Good files load exactly as before.
 * ``PathManager.copy`` of a ``.pt`` file to a local path (fairseq-train copies each checkpoint it writes to
   ``checkpoint_last.pt`` and ``checkpoint_best.pt``) copies to ``NAME.tmp`` and renames, as fairseq's own save
-  does: a process killed mid-copy leaves the previous complete checkpoint, never a truncated one.
+  does: a process killed mid-copy leaves the complete checkpoint that was there, never a truncated one.
 * ``Trainer.__init__`` checks the precision flags first: ``--fp16`` without a CUDA GPU and ``--tpu`` (which
   fairseq's command line turns on with ``--bf16``) without torch_xla raise a ValueError naming the flag, before
   fairseq fails inside torch.cuda or torch_xla.
@@ -27,12 +27,10 @@ from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager
 from fairseq.trainer import Trainer
 
+from grnn_fairseq.errors import CheckpointError, ConfigError, install_cli_errors
+
 
 _CUT_SHORT = ", as a process killed or a disk filling up while the file was written leaves it"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read: empty, truncated, corrupt, or not a PyTorch file at all."""
 
 
 def unreadable_reason(path: str, error: Optional[BaseException] = None) -> Optional[str]:
@@ -127,7 +125,7 @@ def check_precision_flags(cfg) -> None:
     common = cfg.common
     if common.tpu and not _has_torch_xla():
         flag = "--bf16" if common.bf16 else "--tpu"
-        raise ValueError(
+        raise ConfigError(
             f"{flag}: fairseq's command line turns on --tpu with --bf16 and --memory-efficient-bf16, and TPU "
             f"training needs torch_xla, which is not installed. On a CUDA GPU use --fp16 or --amp; on a CPU "
             f"train in float32 (drop {flag})."
@@ -135,7 +133,7 @@ def check_precision_flags(cfg) -> None:
     cuda = torch.cuda.is_available() and not common.cpu
     if common.fp16 and not common.memory_efficient_fp16 and not common.tpu and not cuda:
         where = "--cpu is set" if common.cpu else "torch sees no CUDA GPU"
-        raise ValueError(
+        raise ConfigError(
             f"--fp16 needs a CUDA GPU ({where}): fairseq's FP16 optimizer keeps its loss scale on the GPU. "
             f"Drop --fp16 to train in float32 on this machine."
         )
@@ -159,6 +157,7 @@ def install() -> None:
         PathManager.copy = staticmethod(_atomic_pt_copy(PathManager.copy))
     if not getattr(Trainer.__init__, "grnn_checked", False):
         Trainer.__init__ = _checked_trainer_init(Trainer.__init__)
+    install_cli_errors()
 
 
 def check_dictionary_sizes(state_dict, expected) -> None:
@@ -171,7 +170,7 @@ def check_dictionary_sizes(state_dict, expected) -> None:
     for name, (which, dict_file, rows) in expected.items():
         weight = state_dict.get(name)
         if weight is not None and weight.size(0) != rows:
-            raise ValueError(
+            raise ConfigError(
                 f"dictionary size mismatch: the checkpoint was trained with a {which} dictionary of "
                 f"{weight.size(0)} symbols ({name} is {' x '.join(map(str, weight.shape))}), but the "
                 f"{which} dictionary loaded now ({dict_file} of the data directory) has {rows}. Give the data "

@@ -6,8 +6,7 @@ LSTM translation model (lstm_wiseman_iwslt_de_en) on the same data, measured sid
         [--rounds 2] [--threads 1] [--json docs/benchmark-models.json]
 
 Every candidate trains --updates updates from scratch (no validation, no checkpoints, Adam) with its default
-settings: the GRNN_* environment variables are removed from its environment, so nothing but its command line
-decides its execution paths. Two ways of batching, each a table: ``--batch-size 32`` (the paper's De-En
+settings (ours: no --grnn-* flag, so the backend's deterministic defaults). Two ways of batching, each a table: ``--batch-size 32`` (the paper's De-En
 minibatch) and ``--max-tokens 4000`` (fairseq's usual batching, batches of about 250 short sentences).
 A candidate's speed is the mean train_inner wps after the first --warmup-updates (40: two logging
 intervals), which hold one-time costs (allocator warm-up, packing, any kernel measurement). The candidates
@@ -18,8 +17,8 @@ fairseq's model is given our sizes as far as its flags allow: a bidirectional 2-
 direction and a 2-layer decoder, either 256 wide (lighter than our first decoder layer) or 512 wide (heavier
 than our upper decoder layer).
 
-``--products onednn`` (or ``bmm``) fixes our models' product kernels (``GRNN_PRODUCTS``) instead of their
-default: on a CPU where aten's BLAS is chosen, it shows the oneDNN path's speed too.
+``--products onednn`` (or ``aten``) passes ``--grnn-products`` to our models instead of their default: on a CPU
+where the default rule picks aten's BLAS, it shows the oneDNN path's speed too.
 """
 
 import argparse
@@ -30,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -51,24 +51,36 @@ BATCHING = {"batch-size": ["--batch-size", "32"], "max-tokens": ["--max-tokens",
 LOG_INTERVAL = 20
 
 
-def run_measured(cmd, env):
-    """Run ``cmd``; returns (exit code, stdout and stderr, peak resident memory in MiB of that process)."""
+def run_measured(cmd, env, interval: float = 0.1):
+    """Run ``cmd``; returns (exit code, stdout and stderr, peak resident memory of that process in MiB).
+
+    The peak is the kernel's high-water mark of the process's own memory (VmHWM in /proc/PID/status), read while
+    it runs: the exit status's ru_maxrss would also count the pages of this process that fork copied."""
+    peak_kib = 0
     with tempfile.TemporaryFile(mode="w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    peak_kib = max([peak_kib] + [int(line.split()[1]) for line in f if line.startswith("VmHWM:")])
+            except (OSError, ValueError):
+                pass
+            time.sleep(interval)
         log.seek(0)
-        return proc.returncode, log.read(), usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
+        return proc.returncode, log.read(), peak_kib / 1024
 
 
-def candidate_env(threads, products, ours):
-    """The environment of one run: no GRNN_* settings (defaults), the thread count, and for our models the
-    product choice asked for with --products."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRNN_")}
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    if ours and products:
-        env["GRNN_PRODUCTS"] = products
-    return env
+def candidate_env(threads):
+    """The environment of one run: this one with the thread count of --threads."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def candidate_flags(name, products):
+    """A candidate's fairseq-train flags; for ours with --products, the --grnn-products flag."""
+    flags = list(CANDIDATES[name])
+    if products and not name.startswith("fairseq"):
+        flags += ["--grnn-products", products]
+    return flags
 
 
 def words_per_second(data, flags, batching, updates, warmup, env):
@@ -113,7 +125,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run (default 1)")
     p.add_argument("--warmup-updates", type=int, default=40,
                    help=f"updates left out of the speed (a multiple of {LOG_INTERVAL})")
-    p.add_argument("--products", choices=["bmm", "onednn"], help="fix our models' product kernels")
+    p.add_argument("--products", choices=["aten", "onednn"], help="our models' --grnn-products")
     p.add_argument("--models", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES), metavar="MODEL")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -125,9 +137,8 @@ def main(argv=None):
         params, peak = {}, {name: 0.0 for name in args.models}
         for r in range(args.rounds):
             for name in args.models:
-                env = candidate_env(args.threads, args.products, not name.startswith("fairseq"))
-                wps, params[name], mib = words_per_second(args.data, CANDIDATES[name], batching, args.updates,
-                                                          args.warmup_updates, env)  # fmt: skip
+                wps, params[name], mib = words_per_second(args.data, candidate_flags(name, args.products), batching,
+                                                          args.updates, args.warmup_updates, candidate_env(args.threads))  # fmt: skip
                 runs[name].append(wps)
                 peak[name] = max(peak[name], mib)
                 print(f"{batching}, round {r + 1}: {name}: {wps:.0f} wps, peak RSS {mib:.0f} MiB", flush=True)

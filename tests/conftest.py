@@ -10,9 +10,27 @@ import torch
 
 torch.set_num_threads(1)  # in-process tests use tiny tensors; see fairseq_cli() below
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); scripts/gpu-check.sh runs them")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(ROOT, "grnn_fairseq")
 BIN = os.path.dirname(sys.executable)
+
+
+@pytest.fixture
+def fused_mode():
+    """A setter of the process's backend (grnn_fairseq.modules.backend): ``fused_mode(False)`` selects the
+    reference path, keyword arguments set the other choices; the default setting is restored after the test."""
+    from grnn_fairseq.modules import backend
+
+    def set_mode(fused=True, **changes):
+        backend.set_default(backend.Backend(path="fused" if fused else "reference", **changes))
+
+    previous = backend.set_default(backend.Backend())
+    yield set_mode
+    backend.set_default(previous)
 
 
 def fairseq_cli(command, *args, check=True, timeout=600, input=None, env=None):
@@ -23,7 +41,7 @@ def fairseq_cli(command, *args, check=True, timeout=600, input=None, env=None):
     proc = subprocess.run(
         [exe, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, input=input,
         # tiny models gain nothing from threads, and OpenMP threads spinning against other processes on a
-        # shared 2-core machine once slowed a 2 s training run to 70 s
+        # shared 2-core machine slow a 2 s training run to 70 s (docs/speed.md, "Running beside other jobs")
         env={**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", **(env or {})},
     )
     if check and proc.returncode != 0:

@@ -56,6 +56,35 @@ def test_invalid_flags_stop_fairseq_train_before_training(word_reversal, lm_data
     assert not (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
 
 
+@pytest.mark.parametrize(
+    "tool,model,flags,message",
+    [
+        ("fairseq-train", "nmt", ["--encoder-groups", "3"], "--encoder-groups 3 does not divide --encoder-embed-dim 32"),
+        ("fairseq-train", "lm", ["--decoder-groups", "3", "--factorize-rank", "8"],
+         "--decoder-groups 3 does not divide --decoder-embed-dim 16"),
+        ("fairseq-eval-lm", "lm", ["--path", "{empty}"], "checkpoint {empty} is empty"),
+    ],
+)  # fmt: skip
+def test_command_line_errors_are_one_line(word_reversal, lm_data, tmp_path, tool, model, flags, message):
+    """A bad flag or an unreadable checkpoint at a fairseq command line: one line naming it, no traceback,
+    a non-zero exit status."""
+    from conftest import fairseq_cli
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    flags = [f.format(empty=empty) for f in flags]
+    data, base = (word_reversal.bin, REVERSAL_MODEL_FLAGS) if model == "nmt" else (lm_data, LM_FLAGS)
+    if tool == "fairseq-train":
+        base = [*base, "--optimizer", "adam", "--lr", "0.001", "--batch-size", "16", "--max-update", "1",
+                "--save-dir", str(tmp_path / "ckpt")]  # fmt: skip
+    else:
+        base = ["--user-dir", USER_DIR, "--cpu", "--task", "language_modeling", "--tokens-per-sample", "16"]
+    proc = fairseq_cli(tool, data, *base, *flags, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{tool}: error: " + message.format(empty=empty))
+
+
 def test_unknown_attention_type_names_the_flag_and_the_choices(capsys):
     with pytest.raises(SystemExit):
         options.parse_args_and_arch(options.get_training_parser(),

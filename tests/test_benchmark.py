@@ -32,7 +32,7 @@ def test_benchmark_writes_rows_json_and_png(tmp_path, capsys):
     assert params[(4, "fused")] < params[(2, "fused")] < params[(1, "fused")]
     saved = json.loads(out_json.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
-    assert {"processor", "products", "threads", "torch"} <= set(saved["config"])
+    assert {"processor", "backend", "threads", "torch"} <= set(saved["config"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

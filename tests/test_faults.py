@@ -127,7 +127,7 @@ def test_every_entry_point_names_the_unreadable_file(bad_checkpoints, word_rever
 
 
 def test_fairseq_train_stops_on_a_truncated_checkpoint_last(bad_checkpoints, word_reversal, tmp_path):
-    """What the user sees: the last line of fairseq-train's output names the file; no frame inside pickle or zip."""
+    """What the user sees: the last line of fairseq-train's output names the file, without a traceback."""
     save = tmp_path / "ckpt"
     save.mkdir()
     (save / "checkpoint_last.pt").write_bytes(bad_checkpoints["truncated"].read_bytes())
@@ -137,9 +137,8 @@ def test_fairseq_train_stops_on_a_truncated_checkpoint_last(bad_checkpoints, wor
     )  # fmt: skip
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"grnn_fairseq.safeguards.CheckpointError: checkpoint {save}/checkpoint_last.pt is a truncated")
-    frames = re.findall(r'^  File "([^"]+)"', proc.stderr, re.M)
-    assert frames and not any(re.search(r"pickle|zipfile|torch/serialization", f) for f in frames), frames
+    assert last.startswith(f"fairseq-train: error: checkpoint {save}/checkpoint_last.pt is a truncated")
+    assert "Traceback" not in proc.stderr  # one line, as argparse reports a bad flag
 
 
 def test_checkpoint_copies_are_atomic(tmp_path):

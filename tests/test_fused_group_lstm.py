@@ -5,14 +5,14 @@ import itertools
 import pytest
 import torch
 
-from grnn_fairseq.modules import group_lstm
+from grnn_fairseq.modules import backend, group_lstm, steps
+from grnn_fairseq.modules.functional import step_mask
 from grnn_fairseq.modules.fused_group_lstm import FusedGroupLSTMFunction, fused_supported
 from grnn_fairseq.modules.group_lstm import (
     GroupLSTM,
     group_lstm_direction,
     group_lstm_direction_autograd,
     group_lstm_reference,
-    step_mask,
 )
 
 T, B, C, H = 5, 3, 8, 16  # H/K = 4 is divisible by K = 4, so the shuffle takes the fused path at every K
@@ -20,11 +20,15 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 @pytest.fixture
-def fused_mode():
-    """Restore the module-level switch after a test."""
-    previous = group_lstm.set_fused(True)
-    yield group_lstm.set_fused
-    group_lstm.set_fused(previous)
+def onednn_available():
+    if not backend.onednn_usable(torch.zeros(1)):
+        pytest.skip("this torch has no oneDNN linear")
+
+
+@pytest.fixture
+def c_kernel():
+    if not steps.c_kernel_available():
+        pytest.skip("the C kernel is not built (setup.py builds it; a missing compiler leaves it out)")
 
 
 def outputs_and_grads(run, module, x, hx, lengths):
@@ -187,6 +191,7 @@ def test_retain_graph_gives_the_same_gradients_twice(fused_mode):
     assert torch.equal(first, second)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("K", [1, 2, 4])
 def test_cuda_matches_cpu(fused_mode, K):
@@ -199,57 +204,41 @@ def test_cuda_matches_cpu(fused_mode, K):
 
 
 @pytest.mark.parametrize("K", [1, 2, 4])
-@pytest.mark.parametrize("step_mkldnn", [False, True])
-def test_mkldnn_products_match_bmm(fused_mode, monkeypatch, K, step_mkldnn):
-    """float32 on CPU: oneDNN's linear for all products of the fused path (PRODUCTS = onednn), or bmm for them
-    with oneDNN on (PRODUCTS = bmm), against the path with oneDNN off, with padding, recurrent dropout and the
-    shuffle."""
-    from grnn_fairseq.modules import fused_group_lstm as fgl
-    from grnn_fairseq.modules import linear as lin
-
-    if not fgl.set_mkldnn(True):
-        pytest.skip("this torch has no oneDNN linear")
-    monkeypatch.setattr(lin, "PRODUCTS", "onednn" if step_mkldnn else "bmm")
+def test_onednn_products_match_aten(fused_mode, onednn_available, K):
+    """float32 on CPU: oneDNN's linear for every product of the fused path against aten's, with padding,
+    recurrent dropout and the shuffle."""
     module, x, hx = make_case(K, torch.float32, True, True, True)
     module.recurrent_dropout = 0.2
     module.train()
     lengths = torch.tensor([5, 2, 4])
     results = []
-    for enabled in (True, False):
-        fgl.set_mkldnn(enabled)
+    for products in ("onednn", "aten"):
+        fused_mode(products=products)
         torch.manual_seed(3)
         results.append(outputs_and_grads(run_module, module, x, hx, lengths))
-    fgl.set_mkldnn(True)
     assert_close(results[0], results[1], 1e-5)
 
 
-def test_products_auto_measures_once_per_shape(fused_mode, monkeypatch):
-    """PRODUCTS = auto (the default): the kernel of each product is measured at its first shape, cached per
-    shape, and the result equals the fixed choices'; a wrong GRNN_PRODUCTS value is named in the error."""
-    from grnn_fairseq.modules import fused_group_lstm as fgl
-    from grnn_fairseq.modules import linear as lin
-
-    if not fgl.set_mkldnn(True):
-        pytest.skip("this torch has no oneDNN linear")
+def test_benchmark_measures_once_per_shape(fused_mode, onednn_available, monkeypatch):
+    """benchmark on: the kernel of each product is measured at its first shape, cached per shape and layout,
+    and the result equals the fixed choices'; off (the default), nothing is measured."""
     module, x, hx = make_case(2, torch.float32, True, True, True)
+    monkeypatch.setattr(backend, "MIN_ONEDNN_MACS", 0)  # measure even these tiny products
     results = {}
-    for products in ("auto", "bmm", "onednn"):
-        monkeypatch.setattr(lin, "PRODUCTS", products)
-        monkeypatch.setattr(lin, "_CHOICE", {})
-        monkeypatch.setattr(lin, "MEASURE_MIN_MACS", 0)  # measure even these tiny products
-        results[products] = outputs_and_grads(run_module, module, x, hx, torch.tensor([5, 2, 4]))
-        if products == "auto":
-            measured = dict(lin._CHOICE)
-            assert {key[0] for key in measured} == {"step", "fused_linear", "fused_wgrad"}
+    for products, bench in (("auto", True), ("aten", False), ("onednn", False), ("auto", False)):
+        backend.clear_measured()
+        fused_mode(products=products, benchmark=bench)
+        results[products, bench] = outputs_and_grads(run_module, module, x, hx, torch.tensor([5, 2, 4]))
+        if bench:
+            measured = backend.measured()
+            assert {key[0] for key in measured} == {"step", "input_projections", "weight_grad"}
             outputs_and_grads(run_module, module, x, hx, torch.tensor([5, 2, 4]))
-            assert lin._CHOICE == measured  # the same shapes again: nothing measured anew
+            assert backend.measured() == measured  # the same shapes again: nothing measured anew
         else:
-            assert lin._CHOICE == {}
-    assert_close(results["auto"], results["bmm"], 1e-5)
-    assert_close(results["auto"], results["onednn"], 1e-5)
-    monkeypatch.setattr(lin, "PRODUCTS", "fast")
-    with pytest.raises(ValueError, match="GRNN_PRODUCTS='fast'"):
-        module(x, hx)
+            assert backend.measured() == {}
+    for key in results:
+        assert_close(results[key], results["aten", False], 1e-5)
+    backend.clear_measured()
 
 
 def test_workspace_buffers_are_not_shared_between_live_graphs(fused_mode):
@@ -279,16 +268,11 @@ def test_workspace_buffers_are_not_shared_between_live_graphs(fused_mode):
 KERNEL_CASES = list(itertools.product([1, 2, 4], [False, True], [False, True], [False, True]))
 
 
-@pytest.mark.parametrize("K,shuffle,padded,step_mkldnn", KERNEL_CASES)
-def test_c_kernel_matches_pytorch_step(fused_mode, monkeypatch, K, shuffle, padded, step_mkldnn):
+@pytest.mark.parametrize("K,shuffle,padded,step_onednn", KERNEL_CASES)
+def test_c_kernel_matches_pytorch_step(fused_mode, c_kernel, K, shuffle, padded, step_onednn):
     """float32 on CPU: the C kernel's step (grnn_fairseq/csrc) against the same step in PyTorch operations, with
     both product kernels, the shuffle, padding, recurrent dropout, and gradients from h_n/c_n only."""
-    from grnn_fairseq.modules import _kernel
-    from grnn_fairseq.modules import linear as lin
-
-    if not _kernel.available():
-        pytest.skip("the C kernel is not built (setup.py builds it; a missing compiler leaves it out)")
-    monkeypatch.setattr(lin, "PRODUCTS", "onednn" if step_mkldnn else "bmm")
+    products = "onednn" if step_onednn else "aten"
     module, x, hx = make_case(K, torch.float32, True, shuffle, shuffle)
     module.recurrent_dropout = 0.2
     module.train()
@@ -300,27 +284,22 @@ def test_c_kernel_matches_pytorch_step(fused_mode, monkeypatch, K, shuffle, padd
 
     for run in (run_module, final_state_only):
         results = []
-        for enabled in (True, False):
-            previous = _kernel.set_kernel(enabled)
+        for step in ("c", "torch"):
+            fused_mode(step=step, products=products)
             torch.manual_seed(3)
             results.append(outputs_and_grads(run, module, x, hx, lengths))
-            _kernel.set_kernel(previous)
         assert_close(results[0], results[1], 2e-6)
 
 
-def test_c_kernel_is_used_and_keeps_nan(fused_mode, monkeypatch):
+def test_c_kernel_is_used_and_keeps_nan(fused_mode, c_kernel, monkeypatch):
     """The kernel runs every step of float32 CPU calls, forward and backward, and none of float64 ones; a NaN
     input stays NaN (its exp clamps with comparisons, which keep NaN, so fairseq still sees a diverged loss)."""
-    from grnn_fairseq.modules import _kernel
-
-    if not _kernel.available():
-        pytest.skip("the C kernel is not built")
     calls = {"forward_step": 0, "backward_step": 0}
     for name in calls:
-        def counted(*args, _f=getattr(_kernel._KERNEL, name), _name=name):
+        def counted(*args, _f=getattr(steps._C, name), _name=name):
             calls[_name] += 1
             return _f(*args)
-        monkeypatch.setattr(_kernel._KERNEL, name, counted)
+        monkeypatch.setattr(steps._C, name, counted)
     module = GroupLSTM(8, 16, groups=2)
     x = torch.randn(3, 2, 8, requires_grad=True)
     module.double()(x.double())[0].sum().backward()
@@ -342,24 +321,19 @@ def test_c_kernel_is_built_where_a_compiler_exists():
     import shutil
     import sysconfig
 
-    from grnn_fairseq.modules import _kernel
-
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}): the kernel is optional")
-    assert _kernel.available(), "the C kernel did not build or load: reinstall with pip install -e . and read its output"
+    assert steps.c_kernel_available(), "the C kernel did not build or load: reinstall with pip install -e . and read its output"
 
 
 @pytest.mark.parametrize("K", [1, 2, 4])
 @pytest.mark.parametrize("outputs", ["both", "h", "c"])
-def test_fused_cell_matches_pytorch_cell(fused_mode, K, outputs):
+def test_fused_cell_matches_pytorch_cell(fused_mode, c_kernel, K, outputs):
     """GroupLSTMCell's gate math on the C kernel (FusedLSTMCellFunction) against PyTorch operations, float32:
     h', c' and the gradients of the input, h, c and every parameter, over two chained steps."""
-    from grnn_fairseq.modules import _kernel
     from grnn_fairseq.modules.group_lstm import GroupLSTMCell
 
-    if not _kernel.available():
-        pytest.skip("the C kernel is not built")
     torch.manual_seed(0)
     cell = GroupLSTMCell(8, 16, groups=K)
     x = torch.randn(2, 3, 8)

@@ -174,12 +174,12 @@ def test_variational_dropout_masks_are_shared_over_time():
     """With variational dropout, the between-layer mask of a channel is the same at every step."""
     m = GroupLSTM(4, 4, num_layers=2, groups=2, dropout=0.5, variational=True).train()
     x = torch.randn(7, 3, 8)
-    dropped = m.layer_input(x, 1)
+    dropped = m.layer_input(x)
     zero = dropped == 0
     assert zero.any()
     assert torch.equal(zero, zero[:1].expand_as(zero))  # a dropped channel is dropped at every t
     m.variational = False
-    zero = m.layer_input(x, 1) == 0
+    zero = m.layer_input(x) == 0
     assert not torch.equal(zero, zero[:1].expand_as(zero))
 
 
@@ -191,3 +191,33 @@ def test_frozen_regression():
     out, (h, c) = m(saved["input"])
     assert torch.allclose(out, saved["output"], atol=1e-12)
     assert torch.allclose(h, saved["h_n"], atol=1e-12) and torch.allclose(c, saved["c_n"], atol=1e-12)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_residual_connections_match_the_reference(bidirectional, padded):
+    """residual=True: every layer as wide as its input adds the input to its output; the batched path equals the
+    reference (which adds it the same way), padding stays zero, and to_dense refuses (nn.LSTM has none)."""
+    torch.manual_seed(0)
+    D = 2 if bidirectional else 1
+    m = GroupLSTM(8 * D, 8, num_layers=3, groups=2, bidirectional=bidirectional, residual=True).double()
+    assert all(m.has_residual(layer) for layer in range(3))
+    x = torch.randn(6, 3, 8 * D, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 2, 4]) if padded else None
+    out, (h, c) = m(x, lengths=lengths)
+    ref, (h_ref, c_ref) = group_lstm_reference(m, x, lengths=lengths)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close((h, c), (h_ref, c_ref))
+    w = torch.randn_like(out)
+    g1 = torch.autograd.grad((out * w).sum(), x, retain_graph=True)[0]
+    g2 = torch.autograd.grad((ref * w).sum(), x)[0]
+    torch.testing.assert_close(g1, g2)
+    plain = GroupLSTM(8 * D, 8, num_layers=3, groups=2, bidirectional=bidirectional).double()
+    plain.load_state_dict(m.state_dict())
+    assert not torch.allclose(plain(x, lengths=lengths)[0], out)  # the connections change the function
+    if padded:
+        assert out[2:, 1].abs().max() == 0
+    with pytest.raises(ValueError, match="residual"):
+        m.to_dense()
+    narrow = GroupLSTM(12, 8, num_layers=2, groups=2, residual=True)  # layer 0: 12 -> 8, no connection
+    assert not narrow.has_residual(0) and narrow.has_residual(1)

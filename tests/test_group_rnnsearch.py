@@ -134,21 +134,16 @@ def test_split_first_layer_is_the_cell(groups):
 @pytest.mark.parametrize("groups", [1, 4])
 def test_deferred_weight_gradients_equal_per_step_ones(groups, first_groups):
     """The decoder loop computes its weights' gradients once over all steps (deferred_weight_grads): every
-    parameter's gradient equals the one of the per-step computation (GRNN_DEFER=0)."""
-    from grnn_fairseq.modules import linear as lin_mod
-
+    parameter's gradient equals the one of the per-step computation (--grnn-no-defer-weight-grads)."""
     model = tiny(groups, "bahdanau", "--decoder-first-layer-groups", str(first_groups))
     src, lengths = left_padded_batch([5, 3, 4])
     prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)
     grads = []
     for defer in (True, False):
-        previous = lin_mod.set_deferred(defer)
-        try:
-            model.zero_grad()
-            lp, _ = log_probs(model, src, lengths, prev)
-            (lp * torch.linspace(-1, 1, lp.numel(), dtype=lp.dtype).view_as(lp)).sum().backward()
-        finally:
-            lin_mod.set_deferred(previous)
+        model.decoder.backend_setting = model.decoder.backend_setting.replace(defer_weight_grads=defer)
+        model.zero_grad()
+        lp, _ = log_probs(model, src, lengths, prev)
+        (lp * torch.linspace(-1, 1, lp.numel(), dtype=lp.dtype).view_as(lp)).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and any("first_layer" in n for n in grads[0])
     for name in grads[0]:

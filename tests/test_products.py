@@ -1,4 +1,5 @@
-"""grnn_fairseq.modules.linear: oneDNN linears against F.linear / bmm, outputs and every gradient."""
+"""grnn_fairseq.modules.products (and backend's product choice): oneDNN linears against F.linear / bmm, outputs
+and every gradient; deferred weight gradients; the measured choice when asked for."""
 
 import contextlib
 
@@ -7,19 +8,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from grnn_fairseq.modules import linear as lin_mod
-from grnn_fairseq.modules.linear import Linear, grouped_linear, linear
+from grnn_fairseq.modules import backend
+from grnn_fairseq.modules import products as lin_mod
+from grnn_fairseq.modules.products import Linear, grouped_linear, linear
 
 
 @pytest.fixture
-def onednn(monkeypatch):
-    """oneDNN on, and chosen for every shape (not measured: the tests must take the oneDNN path)."""
-    previous = lin_mod.set_mkldnn(True)
-    if not lin_mod.use_mkldnn(torch.zeros(1)):
+def onednn():
+    """oneDNN chosen for every product (the tests must take the oneDNN path)."""
+    if not backend.onednn_usable(torch.zeros(1)):
         pytest.skip("this torch has no oneDNN linear")
-    monkeypatch.setattr(lin_mod, "PRODUCTS", "onednn")
-    yield
-    lin_mod.set_mkldnn(previous)
+    with backend.use(products="onednn"):
+        yield
 
 
 def grads(fn, x, w, b):
@@ -44,7 +44,7 @@ def test_linear_matches_f_linear(onednn, bias, shape):
 def test_linear_on_strided_input_and_its_path(onednn, monkeypatch):
     """A transposed (non-contiguous) input; float32 CPU takes the oneDNN Function, float64 takes F.linear."""
     calls = []
-    monkeypatch.setattr(lin_mod._OneDNNLinear, "apply", lambda *a: calls.append(1) or F.linear(*a))
+    monkeypatch.setattr(lin_mod._OneDNNGroupedLinear, "apply", lambda *a: calls.append(1) or lin_mod._grouped_linear_aten(*a))
     x = torch.randn(5, 4, 12).transpose(0, 1)
     w = torch.randn(9, 12)
     linear(x, w)
@@ -55,33 +55,36 @@ def test_linear_on_strided_input_and_its_path(onednn, monkeypatch):
 
 
 @pytest.mark.parametrize("scoped", [False, True])
-def test_auto_measures_each_shape_once(onednn, monkeypatch, scoped):
-    """GRNN_PRODUCTS=auto: the first call of a shape measures aten against oneDNN (forward and backward when
-    training, inside a scope of its own when the caller has one), later calls of the shape (same row bucket)
-    reuse the choice; either way the result is F.linear's."""
-    monkeypatch.setattr(lin_mod, "PRODUCTS", "auto")
-    monkeypatch.setattr(lin_mod, "_CHOICE", {})
-    monkeypatch.setattr(lin_mod, "MEASURE_MIN_MACS", 0)  # measure even this tiny product
+def test_benchmark_measures_each_shape_once(onednn, monkeypatch, scoped):
+    """benchmark on (products auto): the first call of a shape measures aten against oneDNN (forward and
+    backward when training, inside a scope of its own when the caller has one), later calls of the shape (same
+    row bucket) reuse the choice; either way the result is F.linear's. Without benchmark nothing is measured."""
+    backend.clear_measured()
+    monkeypatch.setattr(backend, "MIN_ONEDNN_MACS", 0)  # measure even this tiny product
     x, w, b = torch.randn(30, 12), torch.randn(9, 12), torch.randn(9)
-    with lin_mod.reuse_packed_weights() if scoped else torch.no_grad():
-        got = grads(linear, x, w, b) if scoped else [linear(x, w, b)]
-        if scoped:
-            assert len(lin_mod._SCOPE) <= 2  # only this call's weights: the measurement packed into its own scope
-        again = grads(linear, x[:17], w, b) if scoped else [linear(x[:17], w, b)]  # 17 rows: the bucket of 32
-        assert len(lin_mod._CHOICE) == 1
-        assert torch.allclose(again[0], F.linear(x[:17], w, b), atol=1e-5)
+    with backend.use(products="auto", benchmark=True):
+        with lin_mod.reuse_packed_weights() if scoped else torch.no_grad():
+            got = grads(linear, x, w, b) if scoped else [linear(x, w, b)]
+            if scoped:
+                assert len(lin_mod._packed.get()) <= 2  # only this call's weights: the measurement had its own scope
+            again = grads(linear, x[:17], w, b) if scoped else [linear(x[:17], w, b)]  # 17 rows: the bucket of 32
+            assert len(backend.measured()) == 1
+            assert torch.allclose(again[0], F.linear(x[:17], w, b), atol=1e-5)
     want = grads(lambda *a: F.linear(*a), x, w, b) if scoped else [F.linear(x, w, b)]
     for g, v in zip(got, want):
         assert torch.allclose(g, v, atol=1e-5)
-    (key,) = lin_mod._CHOICE
-    assert key[:5] == ("linear", 32, 12, 9, True) and key[5:7] == (scoped, scoped)  # (training, in a scope)
-    monkeypatch.setattr(lin_mod, "PRODUCTS", "fast")
-    with pytest.raises(ValueError, match="GRNN_PRODUCTS='fast'"):
-        linear(x[:3], w, b)
-    monkeypatch.setattr(lin_mod, "PRODUCTS", "auto")
-    monkeypatch.setattr(lin_mod, "MEASURE_MIN_MACS", 1 << 20)
-    linear(torch.randn(4, 12), w, b)  # 4 x 12 x 9 multiply-adds: below the threshold, aten's without measuring
-    assert len(lin_mod._CHOICE) == 1
+    (key,) = backend.measured()
+    # (kind, groups, rows, In, Out, bias, training, in a scope, layouts, threads)
+    assert key[:6] == ("linear", 1, 32, 12, 9, True) and key[6:8] == (scoped, scoped)
+    with pytest.raises(ValueError, match="backend products must be one of auto, aten, onednn, got 'fast'"):
+        backend.Backend(products="fast")
+    monkeypatch.setattr(backend, "MIN_ONEDNN_MACS", 1 << 20)
+    with backend.use(products="auto", benchmark=True):
+        linear(torch.randn(4, 12), w, b)  # 4 x 12 x 9 multiply-adds: below the threshold, the rule's without measuring
+    with backend.use(products="auto", benchmark=False):
+        linear(torch.randn(4096, 256), torch.randn(1024, 256))  # large, but nobody asked to measure
+    assert len(backend.measured()) == 1
+    backend.clear_measured()
 
 
 def test_linear_module_is_nn_linear(onednn):
@@ -109,9 +112,9 @@ def test_grouped_linear_matches_bmm(onednn, K, bias):
 
     for a, e in zip(grads(grouped_linear, xg, w, b), grads(reference, xg, w, b)):
         assert torch.allclose(a, e, atol=1e-5), (a - e).abs().max()
-    lin_mod.set_mkldnn(False)  # the bmm fallback is the same function
-    for a, e in zip(grads(grouped_linear, xg, w, b), grads(reference, xg, w, b)):
-        assert torch.allclose(a, e, atol=1e-6)
+    with backend.use(products="aten"):  # the bmm variant is the same function
+        for a, e in zip(grads(grouped_linear, xg, w, b), grads(reference, xg, w, b)):
+            assert torch.allclose(a, e, atol=1e-6)
 
 
 def test_sigmoid_tanh_matches_torch_tanh():
@@ -163,12 +166,8 @@ def test_deferred_weight_grads_match_per_step(K):
     for got in (run(True), run(True, twice=True)):
         for g, e in zip(got, want):
             assert torch.allclose(g, e, atol=1e-12), (g - e).abs().max()
-    previous = lin_mod.set_deferred(False)
-    try:
-        with lin_mod.deferred_weight_grads():
-            assert lin_mod._DEFER is None
-    finally:
-        lin_mod.set_deferred(previous)
+    with backend.use(defer_weight_grads=False), lin_mod.deferred_weight_grads():
+        assert lin_mod._deferred_scope.get() is None
 
 
 def test_deferred_scope_defers_weights_that_want_grad_one_gate_each():
@@ -183,4 +182,4 @@ def test_deferred_scope_defers_weights_that_want_grad_one_gate_each():
             assert lin_mod._deferred(x, w) is None  # inference
             y = linear(x, w)
         assert not y.requires_grad
-    assert lin_mod._DEFER is None
+    assert lin_mod._deferred_scope.get() is None

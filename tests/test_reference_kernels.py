@@ -19,24 +19,28 @@ import torch
 import torch.nn.functional as F
 from fairseq.sequence_generator import SequenceGenerator
 
-from grnn_fairseq.modules import linear as lin
+from grnn_fairseq.modules import backend
+from grnn_fairseq.modules import products as lin
 from test_group_lstm_lm import build_lm
 from test_group_rnnsearch import build as build_nmt
 from test_group_rnnsearch import make_dictionary
 
-pytestmark = pytest.mark.skipif(not lin.use_mkldnn(torch.zeros(1)), reason="no oneDNN in this torch build")
+pytestmark = pytest.mark.skipif(not backend.onednn_usable(torch.zeros(1)), reason="no oneDNN in this torch build")
 
 VOCAB = 2000
 REF = re.compile(r"^onednn_verbose.*,exec,cpu,([a-z_]+),ref:", re.M)
 EXEC = re.compile(r"^onednn_verbose.*,exec,cpu,([a-z_]+),([^,]+),", re.M)
 
 
-@pytest.fixture(params=["auto", "onednn"])
-def products(request, monkeypatch):
-    """The product choice: measured (the default) or forced to oneDNN; measurements start afresh."""
-    monkeypatch.setattr(lin, "PRODUCTS", request.param)
-    monkeypatch.setattr(lin, "_CHOICE", {})
-    return request.param
+PRODUCT_FLAGS = {"auto": [], "benchmark": ["--grnn-benchmark"], "onednn": ["--grnn-products", "onednn"]}
+
+
+@pytest.fixture(params=list(PRODUCT_FLAGS))
+def products(request):
+    """The product choice of the models' flags: the default rule, measured, or forced to oneDNN."""
+    backend.clear_measured()
+    yield request.param
+    backend.clear_measured()
 
 
 def run_verbose(capfd, step):
@@ -54,13 +58,13 @@ def run_verbose(capfd, step):
     return EXEC.findall(out)
 
 
-def translation_step(groups):
+def translation_step(groups, flags):
     """A training step and a beam-search step of group_rnnsearch_iwslt at its real sizes (embeddings and d 256,
     first decoder layer 512), 32 sentences."""
     torch.manual_seed(0)
     d = make_dictionary(VOCAB)
     model = build_nmt("group_rnnsearch_iwslt", "--encoder-groups", str(groups), "--decoder-groups", str(groups),
-                      src_dict=d)  # fmt: skip
+                      *flags, src_dict=d)  # fmt: skip
     g = torch.Generator().manual_seed(1)
     B, S, T = 32, 20, 22
     src = torch.randint(4, VOCAB, (B, S), generator=g)
@@ -85,7 +89,7 @@ def translation_step(groups):
 
 @pytest.mark.parametrize("groups", [1, 4])
 def test_translation_runs_no_reference_kernel(capfd, products, groups):
-    ran = run_verbose(capfd, translation_step(groups))
+    ran = run_verbose(capfd, translation_step(groups, PRODUCT_FLAGS[products]))
     if products == "onednn":  # the check saw oneDNN's products, so it could have failed
         assert any(p == "inner_product" for p, _ in ran)
 
@@ -94,7 +98,7 @@ def test_language_model_runs_no_reference_kernel(capfd, products):
     """A training step of group_lstm_lm (2 layers of 1024, 2 groups; 64 x 35 tokens)."""
     torch.manual_seed(0)
     model = build_lm("--decoder-embed-dim", "512", "--decoder-hidden-size", "1024", "--decoder-out-embed-dim", "512",
-                     vocab=VOCAB)  # fmt: skip
+                     *PRODUCT_FLAGS[products], vocab=VOCAB)  # fmt: skip
     tokens = torch.randint(4, VOCAB, (64, 35), generator=torch.Generator().manual_seed(1))
 
     def step():
@@ -125,10 +129,9 @@ OPERANDS = {
 
 
 @pytest.mark.parametrize("case", OPERANDS)
-def test_products_take_any_layout_without_a_reference_kernel(capfd, monkeypatch, case):
+def test_products_take_any_layout_without_a_reference_kernel(capfd, case):
     """``linear`` (and ``grouped_linear`` on two groups of the same operands) forced to oneDNN, forward and
     backward, on each layout a caller may pass: no reference kernel, and the results of F.linear / bmm."""
-    monkeypatch.setattr(lin, "PRODUCTS", "onednn")
     make_x, make_w, make_dy, on_onednn = OPERANDS[case]
     torch.manual_seed(0)
     x, w = make_x().requires_grad_(), make_w().requires_grad_()
@@ -150,24 +153,26 @@ def test_products_take_any_layout_without_a_reference_kernel(capfd, monkeypatch,
             results.append((got, want, torch.autograd.grad(got, args, dy), torch.autograd.grad(want, args, dy)))
         return results
 
-    ran = run_verbose(capfd, step)
-    assert any(p == "inner_product" for p, _ in ran) == on_onednn
-    for got, want, got_grads, want_grads in step():
+    with backend.use(products="onednn"):
+        ran = run_verbose(capfd, step)
+        assert any(p == "inner_product" for p, _ in ran) == on_onednn
+        results = step()
+    for got, want, got_grads, want_grads in results:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for a, b in zip(got_grads, want_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_a_measured_choice_holds_for_its_layout_only(monkeypatch):
-    """The measurement of a product is made on operands laid out as the call's and kept per layout: a
+def test_a_measured_choice_holds_for_its_layout_only():
+    """--grnn-benchmark measures a product on operands laid out as the call's and keeps the choice per layout: a
     transposed weight is measured apart from a contiguous one; a strided weight is never measured (it runs
     on aten's BLAS, which reads any strides)."""
-    monkeypatch.setattr(lin, "PRODUCTS", "auto")
-    monkeypatch.setattr(lin, "_CHOICE", {})
+    backend.clear_measured()
     x = torch.randn(64, 256)
-    with torch.no_grad():
+    with torch.no_grad(), backend.use(products="auto", benchmark=True):
         lin.linear(x, torch.randn(1024, 256))
         lin.linear(x, torch.randn(256, 1024).t())
         lin.linear(x, torch.randn(1024, 768)[:, :256])
-    layouts = sorted(key[-2] for key in lin._CHOICE if key[0] == "linear")  # (..., weight layout, threads)
+    layouts = sorted(key[-2] for key in backend.measured() if key[0] == "linear")  # (..., weight layout, threads)
+    backend.clear_measured()
     assert layouts == ["c", "t"]

@@ -6,19 +6,11 @@ import itertools
 import pytest
 import torch
 
-from grnn_fairseq.modules import SRU, group_lstm, sru_reference
+from grnn_fairseq.modules import SRU, sru_reference
 from grnn_fairseq.modules.sru import LinearRecurrenceFunction, linear_recurrence_autograd
 
 T, B, H = 5, 3, 8
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-@pytest.fixture
-def fused_mode():
-    """Restore the module-level switch (shared with GroupLSTM) after a test."""
-    previous = group_lstm.set_fused(True)
-    yield group_lstm.set_fused
-    group_lstm.set_fused(previous)
 
 
 def make_case(K, dtype, bidirectional, projection, layers=3, seed=0):
@@ -197,3 +189,17 @@ def test_parameter_counts_and_errors():
         SRU(6, 8, groups=4)
     with pytest.raises(ValueError, match="expected c_0 of shape"):
         SRU(8, 8)(torch.randn(T, B, 8), torch.zeros(2, B, 8))
+
+
+def test_residual_connections_match_the_reference(fused_mode):
+    """residual=True on SRU: the fused path, the autograd path and the reference agree."""
+    torch.manual_seed(0)
+    module = SRU(12, H, num_layers=3, groups=2, residual=True).double().eval()
+    assert not module.has_residual(0) and module.has_residual(1) and module.has_residual(2)
+    x = torch.randn(T, B, 12, dtype=torch.float64)
+    c0 = torch.randn(3, B, H, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
+    fused = outputs_and_grads(run_module, module, x, c0, lengths)
+    fused_mode(False)
+    assert_close(fused, outputs_and_grads(run_module, module, x, c0, lengths), 1e-10)
+    assert_close(fused, outputs_and_grads(sru_reference, module, x, c0, lengths), 1e-10)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from fairseq.criterions import register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 
+from grnn_fairseq.errors import ConfigError
+
 
 @dataclass
 class LightRNNCrossEntropyConfig(CrossEntropyCriterionConfig):
@@ -23,7 +25,7 @@ class LightRNNCrossEntropyCriterion(CrossEntropyCriterion):
     def compute_loss(self, model, net_output, sample, reduce=True):
         vocab = model.decoder.lightrnn
         if vocab is None:
-            raise ValueError("--criterion lightrnn_cross_entropy needs a model built with --lightrnn")
+            raise ConfigError("--criterion lightrnn_cross_entropy needs a model built with --lightrnn")
         target = model.get_targets(sample, net_output)  # B x T
         lprobs = vocab.target_log_probs(net_output[0], target)  # B x T x D -> B x T
         nll = -lprobs.masked_fill(target.eq(self.padding_idx), 0.0)  # B x T, padding adds nothing

@@ -27,8 +27,8 @@
 #include <omp.h>
 #endif
 
-/* below this many units (K*B*Hk) per thread a step is not worth splitting: with 2048 (was 8192) a translation
- * model's step (K=4, B=32, H/K=64: 8192 units) runs on 2 threads in 31 instead of 64 us */
+/* below this many units (K*B*Hk) per thread a step is not worth splitting; a translation model's step (K=4,
+ * B=32, H/K=64: 8192 units) is worth splitting over 2 threads (docs/speed.md) */
 #define MIN_UNITS_PER_THREAD 2048
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11

@@ -29,35 +29,23 @@ from fairseq.modules import AdaptiveSoftmax
 from fairseq.tasks.translation import TranslationTask
 from torch import Tensor
 
+from grnn_fairseq.errors import ConfigError
+from grnn_fairseq.models.common import (
+    add_backend_args,
+    backend_defaults,
+    backend_from_args,
+    check_cell,
+    check_groups,
+    sequence_dropout,
+    under_backend,
+)
 from grnn_fairseq.modules import CELLS, recurrent_stack
-from grnn_fairseq.modules.dropout import dropout, dropout_mask
 from grnn_fairseq.modules.lightrnn import LightRNNVocabulary
-from grnn_fairseq.modules.linear import Linear, linear
+from grnn_fairseq.modules.products import Linear, linear
 from grnn_fairseq.safeguards import check_dictionary_sizes
 
 DEFAULT_MAX_TARGET_POSITIONS = 100000
 LIGHTRNN_TASK = "lightrnn_language_modeling"  # registered in grnn_fairseq/tasks
-
-
-def check_groups(args, groups_flag: str, sizes) -> None:
-    """Fail at build time, naming the flags, when a group count does not divide a layer size."""
-    groups = getattr(args, groups_flag.lstrip("-").replace("-", "_"))
-    if groups < 1:
-        raise ValueError(f"{groups_flag} must be >= 1, got {groups}")
-    for size_flag in sizes:
-        size = getattr(args, size_flag.lstrip("-").replace("-", "_"))
-        if size % groups != 0:
-            raise ValueError(f"{groups_flag} {groups} does not divide {size_flag} {size}")
-
-
-def sequence_dropout(x: Tensor, p: float, training: bool, variational: bool) -> Tensor:
-    """Dropout on B x T x C; with ``variational`` one mask per sequence, shared by all T steps."""
-    if not training or p == 0:
-        return x
-    if not variational:
-        return dropout(x, p, training=True)
-    mask = dropout_mask(x[:, :1], p)  # B x 1 x C
-    return x * mask
 
 
 @register_model("group_lstm_lm")
@@ -108,12 +96,13 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
         parser.add_argument('--lightrnn-rows', type=int, metavar='R',
                             help='rows R of the LightRNN table (default ceil(sqrt(V)); columns ceil(V / R))')
         # fmt: on
+        add_backend_args(parser)
 
     @classmethod
     def build_model(cls, args, task):
         base_architecture(args)
         if isinstance(task, TranslationTask):
-            raise ValueError(
+            raise ConfigError(
                 f"--arch {args.arch} is a language model: it needs --task language_modeling (monolingual data, "
                 f"fairseq-preprocess --only-source), not --task translation (use --arch group_rnnsearch there)"
             )
@@ -121,23 +110,23 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
         check_cell(args, ["--decoder-groups"])
         if args.share_decoder_input_output_embed:
             if args.adaptive_softmax_cutoff is not None:
-                raise ValueError("--share-decoder-input-output-embed cannot be combined with --adaptive-softmax-cutoff")
+                raise ConfigError("--share-decoder-input-output-embed cannot be combined with --adaptive-softmax-cutoff")
             if args.decoder_out_embed_dim != args.decoder_embed_dim:
-                raise ValueError(
+                raise ConfigError(
                     f"--share-decoder-input-output-embed needs --decoder-out-embed-dim "
                     f"({args.decoder_out_embed_dim}) == --decoder-embed-dim ({args.decoder_embed_dim})"
                 )
         if args.lightrnn:
             if args.adaptive_softmax_cutoff is not None:
-                raise ValueError("--lightrnn cannot be combined with --adaptive-softmax-cutoff (both replace the softmax)")
+                raise ConfigError("--lightrnn cannot be combined with --adaptive-softmax-cutoff (both replace the softmax)")
             if getattr(args, "task", LIGHTRNN_TASK) != LIGHTRNN_TASK:
                 # eval-lm and the hub build from the checkpoint's args, whose task is the training one
-                raise ValueError(
+                raise ConfigError(
                     f"--lightrnn trains with --task {LIGHTRNN_TASK} (it reallocates the words between epochs), "
                     f"got --task {args.task}"
                 )
         elif args.lightrnn_rows is not None:
-            raise ValueError("--lightrnn-rows needs --lightrnn")
+            raise ConfigError("--lightrnn-rows needs --lightrnn")
         if getattr(args, "max_target_positions", None) is None:
             args.max_target_positions = getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
         cutoff = None
@@ -165,6 +154,7 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
             cell=args.cell,
             factorize_rank=args.factorize_rank,
         )
+        decoder.backend_setting = backend_from_args(args)
         return cls(decoder)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
@@ -172,23 +162,6 @@ class GroupLSTMLanguageModel(FairseqLanguageModel):
         rows = len(self.decoder.dictionary)
         check_dictionary_sizes(state_dict, {"decoder.embed_tokens.weight": ("language model", "dict.txt", rows)})
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-
-
-def check_cell(args, groups_flags) -> None:
-    """Validate --cell and --factorize-rank (after base_architecture); errors name the flags."""
-    if args.cell not in CELLS:
-        raise ValueError(f"--cell must be one of {', '.join(CELLS)}, got {args.cell!r}")
-    rank = args.factorize_rank
-    if rank < 0:
-        raise ValueError(f"--factorize-rank must be >= 0 (0: no factorization), got {rank}")
-    if rank and args.cell != "lstm":
-        raise ValueError(f"--factorize-rank factorizes an LSTM's gate matrix; it cannot be used with --cell {args.cell}")
-    for flag in groups_flags:
-        groups = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if rank and rank % groups != 0:
-            raise ValueError(
-                f"--factorize-rank {rank} is not divisible by {flag} {groups} (every group gets rank R/K)"
-            )
 
 
 class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
@@ -265,6 +238,7 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
         elif not share_input_output_embed and not lightrnn:
             self.fc_out = Linear(out_embed_dim, num_embeddings)
 
+    @under_backend
     def forward(
         self,
         prev_output_tokens: Tensor,
@@ -275,6 +249,7 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
         x = self.extract_features(prev_output_tokens, incremental_state)
         return self.output_layer(x), None
 
+    @under_backend
     def extract_features(self, prev_output_tokens: Tensor, incremental_state=None) -> Tensor:
         hx = None
         if incremental_state is not None:
@@ -345,6 +320,7 @@ def base_architecture(args):
     # --task translation's config, which refuses it before build_model can say that the task is wrong.)
     args.lightrnn = getattr(args, "lightrnn", False)
     args.lightrnn_rows = getattr(args, "lightrnn_rows", None)
+    backend_defaults(args)
 
 
 @register_model_architecture("group_lstm_lm", "group_lstm_lm_ptb")

@@ -48,16 +48,22 @@ from fairseq.models import (
     register_model,
     register_model_architecture,
 )
-from fairseq.modules import FairseqDropout
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
-from grnn_fairseq.models.group_lstm_lm import check_cell
+from grnn_fairseq.errors import ConfigError
+from grnn_fairseq.models.common import (
+    Dropout,
+    add_backend_args,
+    backend_defaults,
+    backend_from_args,
+    check_cell,
+    check_groups,
+    check_rates,
+    under_backend,
+)
 from grnn_fairseq.modules import CELLS, RECURRENT_LAYERS, GroupLSTMCell, channel_shuffle, recurrent_stack
 from grnn_fairseq.modules.activations import tanh
-from grnn_fairseq.modules.dropout import dropout
-from grnn_fairseq.modules.fused_group_lstm import lstm_cell_pointwise
-from grnn_fairseq.modules.group_lstm import fused_enabled
-from grnn_fairseq.modules.linear import Linear, deferred_weight_grads, linear, reuse_packed_weights
+from grnn_fairseq.modules.products import Linear, deferred_weight_grads, reuse_packed_weights
 from grnn_fairseq.safeguards import check_dictionary_sizes
 
 DEFAULT_MAX_POSITIONS = 1024  # the translation task's own default for --max-source/target-positions
@@ -142,6 +148,7 @@ class GroupRNNSearchEncoder(FairseqEncoder):
             else None
         )
 
+    @under_backend
     def forward(self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None) -> EncoderOut:
         """src_tokens: B x S, left or right padded. src_lengths is recomputed from the padding."""
         B, S = src_tokens.size()
@@ -171,16 +178,6 @@ class GroupRNNSearchEncoder(FairseqEncoder):
 
     def max_positions(self) -> int:
         return self.max_source_positions
-
-
-class Dropout(FairseqDropout):
-    """``FairseqDropout`` (same arguments and switches) drawing its CPU masks by ``modules.dropout.dropout``,
-    a third of ``F.dropout``'s cost there."""
-
-    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
-        if self.p > 0 and (self.training or self.apply_during_inference):
-            return dropout(x, self.p, training=True)
-        return x
 
 
 class BahdanauAttention(nn.Module):
@@ -217,16 +214,14 @@ class LuongAttention(nn.Module):
         return (projected_keys * query.unsqueeze(0)).sum(-1)
 
 
-def attend(
-    scores: Tensor, values: Tensor, padding_mask: Tensor
-) -> Tuple[Tensor, Tensor]:
-    """Softmax over the source and weighted sum. scores S x B, values S x B x C, mask S x B.
+def attend(scores: Tensor, values: Tensor, padding_mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """Softmax over the source and weighted sum. scores S x B, values B x S x C (batch first: one bmm), mask S x B.
 
     Returns the context B x C and the weights S x B.
     """
     scores = scores.float().masked_fill(padding_mask, float("-inf"))
     weights = F.softmax(scores, dim=0).type_as(values)  # S x B
-    context = (weights.unsqueeze(-1) * values).sum(0)  # S x B x C -> B x C
+    context = torch.bmm(weights.t().unsqueeze(1), values).squeeze(1)  # B x 1 x S @ B x S x C -> B x C
     return context, weights
 
 
@@ -237,16 +232,17 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
     Returns logits B x T x V and the attention weights B x T x S.
 
     Incremental decoding caches one dict of tensors: ``first_h``, ``first_c``, ``input_feed`` (B x H1),
-    ``upper_h`` (LSTM cells only), ``upper_c`` ((L-1) x B x H) and ``projected_keys`` (S x B x A).
+    ``upper_h`` (LSTM cells only), ``upper_c`` ((L-1) x B x H), ``projected_keys`` (S x B x A) and ``values``
+    (the encoder states batch first, B x S x C).
     """
 
-    # with one group, the first layer's gates are split: the embeddings' share for all steps at once, the rest
-    # of the input and the recurrence per step (the same function as ``first_layer(cat([emb_t, feed]))``;
-    # tests switch it off to compare)
+    # the first layer's gates split: the embeddings' share for all steps at once (GroupLSTMCell.input_steps; the
+    # same function as ``first_layer(cat([emb_t, feed]))``, which tests compare by switching it off)
     split_first_layer = True
 
     # batch dimension of every cached tensor, for reorder_incremental_state
-    _BATCH_DIM = {"first_h": 0, "first_c": 0, "input_feed": 0, "upper_h": 1, "upper_c": 1, "projected_keys": 1}
+    _BATCH_DIM = {"first_h": 0, "first_c": 0, "input_feed": 0, "upper_h": 1, "upper_c": 1, "projected_keys": 1,
+                  "values": 0}
 
     def __init__(
         self,
@@ -268,6 +264,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         max_target_positions: int,
         cell: str = "lstm",
         factorize_rank: int = 0,
+        residual: bool = False,
     ):
         super().__init__(dictionary)
         E, H1 = embed_tokens.embedding_dim, first_layer_hidden_size
@@ -298,6 +295,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
                 shuffle_layers=shuffle_layers,
                 shuffle_time=shuffle_time,
                 factorize_rank=factorize_rank,
+                residual=residual,
             )
             if num_layers > 1
             else None
@@ -310,6 +308,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         else:
             self.output_projection = Linear(out_embed_dim, len(dictionary), bias=False)
 
+    @under_backend
     def forward(
         self,
         prev_output_tokens: Tensor,
@@ -334,11 +333,13 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
             "input_feed": zeros,  # B x H1, a_0
             "upper_c": upper_zeros,
             "projected_keys": self.attention.project_keys(enc),  # S x B x A
+            "values": enc.transpose(0, 1).contiguous(),  # S x B x C -> B x S x C, what attend() sums
         }
         if self.cell == "lstm":  # an SRU's state is c alone
             state["upper_h"] = upper_zeros
         return state
 
+    @under_backend
     def extract_features(
         self,
         prev_output_tokens: Tensor,
@@ -358,32 +359,16 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         emb = self.dropout_module(self.embed_tokens(prev_output_tokens))  # B x T x E
         emb = emb.transpose(0, 1)  # B x T x E -> T x B x E
         h, c, feed = state["first_h"], state["first_c"], state["input_feed"]
-        keys = state["projected_keys"]
+        keys, values = state["projected_keys"], state["values"]
         outputs: List[Tensor] = []
         attn: List[Tensor] = []
-        first = self.first_layer
-        # with several steps (training, scoring) and one group, the embeddings' share of the first layer's gates
-        # is one product for all steps; an incremental step (T = 1) runs the cell as it is
-        split = first.groups == 1 and self.split_first_layer and T > 1
-        if split:
-            E = emb.size(-1)
-            w_ih, w_hh = first.weight_ih[0], first.weight_hh[0]  # 4H1 x (E + H1), 4H1 x H1
-            bias = None if first.bias_ih is None else first.bias_ih[0] + first.bias_hh[0]  # 4H1
-            # contiguous copies, once per forward: a column slice of w_ih is a strided weight, which sends
-            # oneDNN to its reference kernel
-            gates_emb = linear(emb, w_ih[:, :E].contiguous(), bias)  # T x B x E -> T x B x 4H1
-            w_step = torch.cat([w_ih[:, E:], w_hh], dim=1)  # 4H1 x 2H1: [a_{t-1}; s_{t-1}], one product per step
+        # the first layer's input at step t is [E y_{t-1}; a_{t-1}]: the embeddings are known before the loop
+        first_layer = self.first_layer.input_steps(emb, split=self.split_first_layer)  # T x B x E
         # the loop applies the same weights T times: pack them once, and compute their gradients once
         with reuse_packed_weights(), deferred_weight_grads():
-            for t, emb_t in enumerate(emb.unbind(0)):  # T x B x E -> T x (B x E), one autograd node
-                if not split:
-                    h, c = first(torch.cat([emb_t, feed], dim=1), (h, c))  # B x H1
-                else:
-                    recurrent = linear(torch.cat([feed, h], dim=1), w_step)  # B x 2H1 -> B x 4H1
-                    h, c = lstm_cell_pointwise((gates_emb[t] + recurrent).unsqueeze(0), c.unsqueeze(0),
-                                               fused_enabled())  # fmt: skip
-                    h, c = h[0], c[0]  # 1 x B x H1 -> B x H1
-                context, weights = attend(self.attention.scores(h, keys), enc, pad)  # B x C, S x B
+            for t in range(T):
+                h, c = first_layer(t, feed, (h, c))  # B x H1
+                context, weights = attend(self.attention.scores(h, keys), values, pad)  # B x C, S x B
                 feed = tanh(self.attention_out(torch.cat([h, context], dim=1)))  # a_t: B x H1
                 outputs.append(feed)
                 attn.append(weights)
@@ -403,6 +388,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
                 "input_feed": feed,
                 **upper,
                 "projected_keys": keys,
+                "values": values,
             }
             self.set_incremental_state(incremental_state, "cached_state", new_state)
 
@@ -452,53 +438,45 @@ def recurrent_parameter_count(module: nn.Module) -> int:
 def check_args(args, task) -> None:
     """Raise a ValueError naming the flags of an invalid combination (call after base_architecture)."""
 
-    def divides(groups_flag: str, groups: int, size_flag: str, size: int) -> None:
-        if groups < 1:
-            raise ValueError(f"{groups_flag} must be >= 1, got {groups}")
-        if size % groups != 0:
-            raise ValueError(f"{groups_flag} {groups} does not divide {size_flag} {size}")
-
     if isinstance(task, LanguageModelingTask):
-        raise ValueError(
+        raise ConfigError(
             f"--arch {args.arch} is an encoder-decoder model: it needs --task translation (parallel data), "
             f"not --task language_modeling (use --arch group_lstm_lm for a language model)"
         )
     if args.attention_type not in ATTENTION_TYPES:
-        raise ValueError(f"--attention-type must be one of {', '.join(ATTENTION_TYPES)}, got {args.attention_type!r}")
+        raise ConfigError(f"--attention-type must be one of {', '.join(ATTENTION_TYPES)}, got {args.attention_type!r}")
     for flag, value in (("--encoder-layers", args.encoder_layers), ("--decoder-layers", args.decoder_layers)):
         if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    for flag, value in (("--dropout", args.dropout), ("--decoder-dropout-out", args.decoder_dropout_out)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{flag} must be in [0, 1), got {value}")
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    check_rates(args, ["--dropout", "--decoder-dropout-out"])
     if args.init_uniform < 0:
-        raise ValueError(f"--init-uniform must be >= 0 (0 keeps the module initializations), got {args.init_uniform}")
+        raise ConfigError(f"--init-uniform must be >= 0 (0 keeps the module initializations), got {args.init_uniform}")
 
-    K = args.encoder_groups
-    divides("--encoder-groups", K, "--encoder-embed-dim", args.encoder_embed_dim)
-    divides("--encoder-groups", K, "--encoder-hidden-size", args.encoder_hidden_size)
-
+    check_groups(args, "--encoder-groups", ["--encoder-embed-dim", "--encoder-hidden-size"])
     H1, E = args.decoder_first_layer_hidden_size, args.decoder_embed_dim
-    K1 = args.decoder_first_layer_groups
-    divides("--decoder-first-layer-groups", K1, "--decoder-first-layer-hidden-size", H1)
-    divides("--decoder-first-layer-groups", K1, "--decoder-embed-dim + --decoder-first-layer-hidden-size", E + H1)
+    check_groups(args, "--decoder-first-layer-groups", ["--decoder-first-layer-hidden-size",
+                                                        ("--decoder-embed-dim + --decoder-first-layer-hidden-size", E + H1)])  # fmt: skip
     if args.decoder_layers > 1:
-        divides("--decoder-groups", args.decoder_groups, "--decoder-first-layer-hidden-size", H1)
-        divides("--decoder-groups", args.decoder_groups, "--decoder-hidden-size", args.decoder_hidden_size)
+        check_groups(args, "--decoder-groups", ["--decoder-first-layer-hidden-size", "--decoder-hidden-size"])
+    if args.decoder_residual and args.decoder_layers > 1 and args.decoder_hidden_size != H1:
+        raise ConfigError(
+            f"--decoder-residual adds the attentional vector a_t ({H1} wide: --decoder-first-layer-hidden-size) to "
+            f"the output of the layer above it: needs --decoder-hidden-size {H1}, got {args.decoder_hidden_size}"
+        )
     check_cell(args, ["--encoder-groups"] + (["--decoder-groups"] if args.decoder_layers > 1 else []))
 
     if args.share_all_embeddings:
         if task.source_dictionary != task.target_dictionary:
-            raise ValueError("--share-all-embeddings requires a joined dictionary (fairseq-preprocess --joined-dictionary)")
+            raise ConfigError("--share-all-embeddings requires a joined dictionary (fairseq-preprocess --joined-dictionary)")
         if args.encoder_embed_dim != args.decoder_embed_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"--share-all-embeddings requires --encoder-embed-dim ({args.encoder_embed_dim}) "
                 f"to equal --decoder-embed-dim ({args.decoder_embed_dim})"
             )
     if (args.share_decoder_input_output_embed or args.share_all_embeddings) and (
         args.decoder_out_embed_dim != args.decoder_embed_dim
     ):
-        raise ValueError(
+        raise ConfigError(
             f"--share-decoder-input-output-embed requires --decoder-out-embed-dim ({args.decoder_out_embed_dim}) "
             f"to equal --decoder-embed-dim ({args.decoder_embed_dim})"
         )
@@ -537,6 +515,10 @@ class GroupRNNSearchModel(FairseqEncoderDecoderModel):
                             help='bahdanau: v^T tanh(W_q q + W_k k); luong: q^T W k')
         parser.add_argument('--dropout', type=float, metavar='D',
                             help='dropout on embeddings, between layers and on the encoder output')
+        parser.add_argument('--decoder-residual', action='store_true',
+                            help='residual connections in the decoder stack above the first layer (GNMT): each '
+                                 'layer adds its input to its output, the first the attentional vector a_t; '
+                                 'needs --decoder-hidden-size equal to --decoder-first-layer-hidden-size')
         parser.add_argument('--decoder-dropout-out', type=float, metavar='D',
                             help='dropout before the vocabulary projection')
         parser.add_argument('--share-decoder-input-output-embed', action='store_true',
@@ -561,6 +543,7 @@ class GroupRNNSearchModel(FairseqEncoderDecoderModel):
         parser.add_argument('--max-source-positions', type=int, metavar='N', help='longest source sentence')
         parser.add_argument('--max-target-positions', type=int, metavar='N', help='longest target sentence')
         # fmt: on
+        add_backend_args(parser)
 
     @classmethod
     def build_model(cls, args, task):
@@ -605,7 +588,9 @@ class GroupRNNSearchModel(FairseqEncoderDecoderModel):
             max_target_positions=args.max_target_positions,
             cell=args.cell,
             factorize_rank=args.factorize_rank,
+            residual=args.decoder_residual,
         )
+        encoder.backend_setting = decoder.backend_setting = backend_from_args(args)
         model = cls(encoder, decoder)
         if args.init_uniform > 0:
             model.init_uniform_(args.init_uniform)
@@ -652,6 +637,7 @@ def base_architecture(args):
     args.attention_type = getattr(args, "attention_type", "bahdanau")
     args.dropout = getattr(args, "dropout", 0.1)  # §4.2: "rate 0.1 for all layers except ..."
     args.decoder_dropout_out = getattr(args, "decoder_dropout_out", 0.5)  # "... the layer before softmax with 0.5"
+    args.decoder_residual = getattr(args, "decoder_residual", False)
     args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", False)
     args.share_all_embeddings = getattr(args, "share_all_embeddings", False)
     args.no_shuffle_layers = getattr(args, "no_shuffle_layers", False)
@@ -661,40 +647,34 @@ def base_architecture(args):
     args.factorize_rank = getattr(args, "factorize_rank", 0)
     args.max_source_positions = getattr(args, "max_source_positions", DEFAULT_MAX_POSITIONS)
     args.max_target_positions = getattr(args, "max_target_positions", DEFAULT_MAX_POSITIONS)
+    backend_defaults(args)
+
+
+def paper_sizes(args, embed: int, hidden: int, layers: int) -> None:
+    """The sizes of one of the paper's settings, K = 2 in every grouped layer (flags given win)."""
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", embed)
+    args.encoder_hidden_size = getattr(args, "encoder_hidden_size", hidden)
+    args.encoder_layers = getattr(args, "encoder_layers", layers)
+    args.encoder_groups = getattr(args, "encoder_groups", 2)
+    args.decoder_layers = getattr(args, "decoder_layers", layers)
+    args.decoder_groups = getattr(args, "decoder_groups", 2)
+    base_architecture(args)
 
 
 @register_model_architecture("group_rnnsearch", "group_rnnsearch_iwslt")
 def group_rnnsearch_iwslt(args):
     """IWSLT'14 De-En (§4.2, Table 2): 2 + 2 layers, embedding and d = 256, K = 2."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 256)
-    args.encoder_hidden_size = getattr(args, "encoder_hidden_size", 256)
-    args.encoder_layers = getattr(args, "encoder_layers", 2)
-    args.encoder_groups = getattr(args, "encoder_groups", 2)
-    args.decoder_layers = getattr(args, "decoder_layers", 2)
-    args.decoder_groups = getattr(args, "decoder_groups", 2)
-    base_architecture(args)
+    paper_sizes(args, embed=256, hidden=256, layers=2)
 
 
 @register_model_architecture("group_rnnsearch", "group_rnnsearch_wmt")
 def group_rnnsearch_wmt(args):
     """WMT'14 En-De (§4.2, Table 3): 4 + 4 layers, embedding 512, d = 1024, K = 2."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 512)
-    args.encoder_hidden_size = getattr(args, "encoder_hidden_size", 1024)
-    args.encoder_layers = getattr(args, "encoder_layers", 4)
-    args.encoder_groups = getattr(args, "encoder_groups", 2)
-    args.decoder_layers = getattr(args, "decoder_layers", 4)
-    args.decoder_groups = getattr(args, "decoder_groups", 2)
-    base_architecture(args)
+    paper_sizes(args, embed=512, hidden=1024, layers=4)
 
 
 @register_model_architecture("group_rnnsearch", "group_rnnsearch_gigaword")
 def group_rnnsearch_gigaword(args):
     """Gigaword summarization (§4.3, Table 4): 2 + 2 layers, embedding and d = 512, K = 2, U(-0.05, 0.05) init."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 512)
-    args.encoder_hidden_size = getattr(args, "encoder_hidden_size", 512)
-    args.encoder_layers = getattr(args, "encoder_layers", 2)
-    args.encoder_groups = getattr(args, "encoder_groups", 2)
-    args.decoder_layers = getattr(args, "decoder_layers", 2)
-    args.decoder_groups = getattr(args, "decoder_groups", 2)
     args.init_uniform = getattr(args, "init_uniform", 0.05)  # §4.3: "uniformly sampled between (-0.05, 0.05)"
-    base_architecture(args)
+    paper_sizes(args, embed=512, hidden=512, layers=2)

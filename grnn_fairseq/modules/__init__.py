@@ -1,13 +1,9 @@
 """Pure-PyTorch layers of grnn_fairseq (no fairseq import here)."""
 
+from . import backend
 from .factorized_lstm import FactorizedLSTM, factorized_lstm_reference
-from .group_lstm import (
-    GroupLSTM,
-    GroupLSTMCell,
-    channel_shuffle,
-    group_lstm_reference,
-    shuffle_permutation,
-)
+from .functional import channel_shuffle, shuffle_permutation
+from .group_lstm import GroupLSTM, GroupLSTMCell, group_lstm_reference
 from .recurrent import CELLS, RECURRENT_LAYERS, recurrent_stack
 from .sru import SRU, sru_reference
 
@@ -18,6 +14,7 @@ __all__ = [
     "GroupLSTMCell",
     "RECURRENT_LAYERS",
     "SRU",
+    "backend",
     "channel_shuffle",
     "factorized_lstm_reference",
     "group_lstm_reference",

@@ -1,13 +1,12 @@
 """Inverted dropout with a cheaper CPU mask than ``F.dropout``'s.
 
-On CPU, ``F.dropout`` draws one Bernoulli sample per element from torch's (serial) Mersenne Twister: 8.3 ms
-for a 30 x 32 x 512 float32 tensor here, about 10% of a translation model's training step. ``dropout`` draws
-64 random bits per four elements instead (one full-range int64 draw) and keeps element i when its 16 bits,
-read as a signed integer, are at least ``round(p * 65536) - 32768``: 2.4 ms for the same tensor, forward
-included. The drop probability is thus p rounded to a multiple of 1/65536 (an error below 8e-6). The draws
-come from torch's default generator, so ``torch.manual_seed`` makes them reproducible as before (though not
-the same masks as ``F.dropout``'s). Elsewhere (CUDA, whose ``F.dropout`` draws in parallel; integer tensors)
-it is ``F.dropout``. ``dropout_mask`` makes a mask alone (0 or 1/(1-p)), for masks shared over time steps.
+On CPU, ``F.dropout`` draws one Bernoulli sample per element from torch's (serial) Mersenne Twister, a
+noticeable share of a translation model's training step (docs/speed.md). ``dropout`` draws 64 random bits per
+four elements instead (one full-range int64 draw) and keeps element i when its 16 bits, read as a signed
+integer, are at least ``round(p * 65536) - 32768``. The drop probability is thus p rounded to a multiple of
+1/65536 (an error below 8e-6). The draws come from torch's default generator, so ``torch.manual_seed`` makes
+them reproducible (they are not the masks ``F.dropout`` would draw). Elsewhere (CUDA, whose ``F.dropout``
+draws in parallel; integer tensors) it is ``F.dropout``. ``dropout_mask`` makes a mask alone (0 or 1/(1-p)), for masks shared over time steps.
 """
 
 import torch

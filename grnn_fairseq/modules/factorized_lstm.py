@@ -25,29 +25,15 @@ import math
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .group_lstm import (
-    GroupLSTM,
-    channel_shuffle,
-    check_divisible,
-    check_stack,
-    reference_stack,
-    from_group_major,
-    reverse_padded,
-    shuffle_permutation,
-    step_mask,
-    to_group_major,
-)
-
-
-def lstm_cell_update(gates: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
-    """nn.LSTM's cell on pre-activations. gates: ... x 4H' (i, f, g, o), c: ... x H'. Returns (h', c')."""
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c_new), c_new
+from ..errors import ConfigError
+from .dropout import dropout_mask
+from .functional import channel_shuffle, check_divisible, from_group_major, shuffle_permutation, to_group_major
+from .group_lstm import GroupLSTM
+from .stack import RecurrentStack, reference_stack
+from .steps import lstm_cell
 
 
 def factorized_lstm_direction(
@@ -94,7 +80,7 @@ def factorized_lstm_direction(
         r = r.view(B, K, H // K).transpose(0, 1)  # B x H -> K x B x H/K
         z = torch.bmm(r, w1_hh_t)  # K x B x H/K @ K x H/K x r/K -> K x B x r/K, the bottleneck
         gates = torch.baddbmm(gx[:, t], z, w2_t)  # K x B x r/K @ K x r/K x 4H/K -> K x B x 4H/K
-        h_new, c_new = lstm_cell_update(gates, c)  # K x B x H/K each
+        h_new, c_new = lstm_cell(gates, c)  # K x B x H/K each
         h_new = from_group_major(h_new)  # K x B x H/K -> B x H
         if mask is not None:
             m = mask[t]  # B x 1
@@ -108,7 +94,7 @@ def factorized_lstm_direction(
     return out, h, from_group_major(c)
 
 
-class FactorizedLSTM(nn.Module):
+class FactorizedLSTM(RecurrentStack):
     r"""A stack of F-LSTM layers (rank-r factorized gate matrices), optionally grouped, with the interface of
     ``torch.nn.LSTM`` (sequence first).
 
@@ -118,7 +104,7 @@ class FactorizedLSTM(nn.Module):
         rank: r, the width of the bottleneck W1 [x; h] of every layer and direction. Must be divisible by
             ``groups`` (each group has rank r/K). r >= I + H (full rank) can represent any LSTM.
         num_layers, groups, bias, dropout, bidirectional, shuffle_layers, shuffle_time, variational,
-        recurrent_dropout: as :class:`GroupLSTM`. ``bias`` is one vector b per layer (nn.LSTM's b_ih + b_hh).
+        recurrent_dropout, residual: as :class:`GroupLSTM`. ``bias`` is one vector b per layer (nn.LSTM's b_ih + b_hh).
 
     Inputs: input, (h_0, c_0); lengths -- as :class:`GroupLSTM`:
         input: T x B x C; h_0, c_0: (L*D) x B x H (zeros when omitted); lengths: optional B (right padded).
@@ -132,6 +118,8 @@ class FactorizedLSTM(nn.Module):
     f = (I_l + H)/K its input width (nn.Linear's), W2 uniform scaled so that the entries of W2 W1 start with
     nn.LSTM's variance 1/(3H), bias as nn.LSTM.
     """
+
+    PARAMETERS = ("weight1_ih", "weight1_hh", "weight2", "bias")
 
     def __init__(
         self,
@@ -147,119 +135,54 @@ class FactorizedLSTM(nn.Module):
         shuffle_time: bool = True,
         variational: bool = False,
         recurrent_dropout: float = 0.0,
+        residual: bool = False,
     ):
-        super().__init__()
-        check_stack(input_size, hidden_size, groups, num_layers, dropout=dropout, recurrent_dropout=recurrent_dropout)
+        super().__init__(input_size, hidden_size, num_layers, groups, dropout, bidirectional, shuffle_layers,
+                         variational, residual, recurrent_dropout=recurrent_dropout)  # fmt: skip
         if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+            raise ConfigError(f"rank must be >= 1, got {rank}")
         check_divisible(rank, groups, "rank")
-        self.input_size = input_size
-        self.hidden_size = hidden_size
         self.rank = rank
-        self.num_layers = num_layers
-        self.groups = groups
         self.bias = bias
-        self.dropout = dropout
-        self.bidirectional = bidirectional
-        self.num_directions = 2 if bidirectional else 1
-        self.shuffle_layers = shuffle_layers
         self.shuffle_time = shuffle_time
-        self.variational = variational
         self.recurrent_dropout = recurrent_dropout
         K, H, R = groups, hidden_size, rank
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
-            for suffix in self._suffixes():
-                self.register_parameter(f"weight1_ih_l{layer}{suffix}", nn.Parameter(torch.empty(K, R // K, layer_input // K)))
-                self.register_parameter(f"weight1_hh_l{layer}{suffix}", nn.Parameter(torch.empty(K, R // K, H // K)))
-                self.register_parameter(f"weight2_l{layer}{suffix}", nn.Parameter(torch.empty(K, 4 * H // K, R // K)))
-                if bias:
-                    self.register_parameter(f"bias_l{layer}{suffix}", nn.Parameter(torch.empty(K, 4 * H // K)))
+            self.register_layer(layer, {
+                "weight1_ih": (K, R // K, self.layer_input_size(layer) // K), "weight1_hh": (K, R // K, H // K),
+                "weight2": (K, 4 * H // K, R // K), "bias": (K, 4 * H // K) if bias else None,
+            })  # fmt: skip
         self.reset_parameters()
-
-    def _suffixes(self) -> List[str]:
-        return ["", "_reverse"] if self.bidirectional else [""]
 
     def reset_parameters(self) -> None:
         K, H = self.groups, self.hidden_size
         for layer in range(self.num_layers):
-            layer_input = self.input_size if layer == 0 else H * self.num_directions
             for direction in range(self.num_directions):
                 w1_ih, w1_hh, w2, bias = self.layer_weights(layer, direction)
-                fan_in = (layer_input + H) / K  # W1's input width per group
+                fan_in = (self.layer_input_size(layer) + H) / K  # W1's input width per group
                 bound1 = 1.0 / math.sqrt(fan_in)  # nn.Linear's bound
-                nn.init.uniform_(w1_ih, -bound1, bound1)
-                nn.init.uniform_(w1_hh, -bound1, bound1)
+                torch.nn.init.uniform_(w1_ih, -bound1, bound1)
+                torch.nn.init.uniform_(w1_hh, -bound1, bound1)
                 # W2 so that every entry of W2 W1 has nn.LSTM's initial variance 1/(3H): (r/K) var(W1) var(W2) =
                 # 1/(3H). With both factors at nn.Linear's bound the product starts about 2x smaller, and on the
                 # reversal task of tests/test_group_rnnsearch.py a full-rank F-LSTM reached BLEU 27 where nn.LSTM
                 # reached 93 after 6 epochs; with this init, 91.
                 bound2 = math.sqrt(3.0 * fan_in / (self.rank / K * H))
-                nn.init.uniform_(w2, -bound2, bound2)
+                torch.nn.init.uniform_(w2, -bound2, bound2)
                 if bias is not None:
-                    nn.init.uniform_(bias, -1.0 / math.sqrt(H), 1.0 / math.sqrt(H))
+                    torch.nn.init.uniform_(bias, -1.0 / math.sqrt(H), 1.0 / math.sqrt(H))
 
-    def layer_weights(self, layer: int, direction: int) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """(weight1_ih, weight1_hh, weight2, bias) of one layer and direction (bias None without bias)."""
-        suffix = self._suffixes()[direction]
-        return (
-            getattr(self, f"weight1_ih_l{layer}{suffix}"),
-            getattr(self, f"weight1_hh_l{layer}{suffix}"),
-            getattr(self, f"weight2_l{layer}{suffix}"),
-            getattr(self, f"bias_l{layer}{suffix}") if self.bias else None,
-        )
+    def _repr_settings(self):
+        return [("rank", None)] + super()._repr_settings() + [("bias", True), ("shuffle_time", True),
+                                                               ("recurrent_dropout", 0.0)]  # fmt: skip
 
-    def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}, rank={self.rank}, num_layers={self.num_layers}, groups={self.groups}"
-        if not self.bias:
-            s += ", bias=False"
-        if self.dropout:
-            s += f", dropout={self.dropout}"
-        if self.bidirectional:
-            s += ", bidirectional=True"
-        if not self.shuffle_layers:
-            s += ", shuffle_layers=False"
-        if not self.shuffle_time:
-            s += ", shuffle_time=False"
-        if self.variational:
-            s += ", variational=True"
-        if self.recurrent_dropout:
-            s += f", recurrent_dropout={self.recurrent_dropout}"
-        return s
-
-    # the state handling and between-layer dropout/shuffle are GroupLSTM's, on the same attributes
-    init_state = GroupLSTM.init_state
-    _dropout_mask = GroupLSTM._dropout_mask
-    layer_input = GroupLSTM.layer_input
-
-    def forward(
-        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, lengths: Optional[Tensor] = None
-    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        T, B, C = input.size()
-        if C != self.input_size:
-            raise ValueError(f"FactorizedLSTM expected input of size {self.input_size}, got {C}")
-        h0, c0 = self.init_state(input, hx)
-        mask = step_mask(lengths, T, input.device)
-        x = input
-        h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            if layer > 0:
-                x = self.layer_input(x, layer)
-            outputs = []
-            for direction in range(self.num_directions):
-                idx = layer * self.num_directions + direction
-                rmask = None
-                if self.training and self.recurrent_dropout > 0:
-                    rmask = self._dropout_mask(h0[idx], self.recurrent_dropout)
-                xd = x if direction == 0 else reverse_padded(x, lengths)
-                out, h, c = factorized_lstm_direction(
-                    xd, h0[idx], c0[idx], *self.layer_weights(layer, direction), self.shuffle_time, mask, rmask
-                )
-                outputs.append(out if direction == 0 else reverse_padded(out, lengths))
-                h_n.append(h)
-                c_n.append(c)
-            x = outputs[0] if self.num_directions == 1 else torch.cat(outputs, dim=-1)  # T x B x D*H
-        return x, (torch.stack(h_n, 0), torch.stack(c_n, 0))
+    def run_direction(self, x, state, weights, layer, direction, mask):
+        h0, c0 = state
+        rmask = None
+        if self.training and self.recurrent_dropout > 0:
+            rmask = dropout_mask(h0, self.recurrent_dropout)  # B x H, one mask per sequence
+        out, h, c = factorized_lstm_direction(x, h0, c0, *weights, self.shuffle_time, mask, rmask)
+        return out, (h, c)
 
     @torch.no_grad()
     def to_group_lstm(self) -> GroupLSTM:
@@ -281,6 +204,7 @@ class FactorizedLSTM(nn.Module):
             shuffle_time=self.shuffle_time,
             variational=self.variational,
             recurrent_dropout=self.recurrent_dropout,
+            residual=self.residual,
         ).to(device=p.device, dtype=p.dtype)
         for layer in range(self.num_layers):
             for direction in range(self.num_directions):
@@ -316,7 +240,7 @@ def factorized_lstm_reference(
             gates = F.linear(F.linear(torch.cat([xs[k], rs[k]], -1), w1), w2[k])  # W2 (W1 [x; h])
             if bias is not None:
                 gates = gates + bias[k]
-            hk, ck = lstm_cell_update(gates, cs[k])
+            hk, ck = lstm_cell(gates, cs[k])
             new_h.append(hk)
             new_c.append(ck)
         return torch.cat(new_h, -1), torch.cat(new_c, -1)

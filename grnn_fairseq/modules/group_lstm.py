@@ -23,7 +23,6 @@ steps' input projections, one bmm per step for the recurrence). Tests compare th
 """
 
 import math
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -31,73 +30,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dropout import dropout, dropout_mask
-from .fused_group_lstm import fused_group_lstm_direction, fused_supported, lstm_cell_pointwise
-from .linear import grouped_linear
+from . import backend
+from .dropout import dropout_mask
+from .functional import (
+    channel_shuffle,
+    check_divisible,
+    from_group_major,
+    shuffle_permutation,
+    to_group_major,
+)
+from .fused_group_lstm import fused_group_lstm_direction, fused_supported
+from .products import grouped_linear, linear
+from .stack import RecurrentStack, reference_stack
+from .steps import cell_pointwise, step_kind
 
-
-def check_divisible(size: int, groups: int, what: str) -> None:
-    """Raise a ValueError that names the size and K when K does not divide it."""
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    if size % groups != 0:
-        raise ValueError(
-            f"{what} ({size}) is not divisible by groups K={groups}; "
-            f"choose a number of groups that divides every layer size"
-        )
-
-
-def check_stack(input_size: int, hidden_size: int, groups: int, num_layers: int, **rates: float) -> None:
-    """The constructor checks every recurrent stack shares: K divides both sizes, at least one layer, and every
-    dropout rate (keyword: its argument's name) in [0, 1); errors name the argument."""
-    check_divisible(input_size, groups, "input_size")
-    check_divisible(hidden_size, groups, "hidden_size")
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    for name, p in rates.items():
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {p}")
-
-
-def channel_shuffle(x: Tensor, groups: int) -> Tensor:
-    """The representation rearrangement of section 2.2 on the last dimension.
-
-    ``... x N -> ... x K x N/K -> ... x N/K x K -> ... x N``.
-    """
-    N = x.size(-1)
-    if groups == 1:
-        return x
-    return x.view(*x.shape[:-1], groups, N // groups).transpose(-1, -2).reshape(x.shape)
-
-
-def shuffle_permutation(size: int, groups: int, device=None) -> Tensor:
-    """Index ``perm`` with ``channel_shuffle(v, groups) == v[..., perm]``."""
-    return channel_shuffle(torch.arange(size, device=device), groups)
-
-
-def reverse_padded(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
-    """Reverse each sequence of ``x`` (T x B x C) inside its own length; padding stays in place.
-
-    Without lengths this is ``x.flip(0)``. The map is its own inverse.
-    """
-    if lengths is None:
-        return x.flip(0)
-    T, B = x.size(0), x.size(1)
-    t = torch.arange(T, device=x.device).unsqueeze(1)  # T x 1
-    lengths = lengths.to(x.device).unsqueeze(0)  # 1 x B
-    index = torch.where(t < lengths, lengths - 1 - t, t)  # T x B
-    return x.gather(0, index.unsqueeze(-1).expand_as(x))
-
-
-def step_mask(lengths: Optional[Tensor], T: int, device) -> Optional[Tensor]:
-    """T x B x 1 boolean mask, True where step t is inside sequence b; None when there is no padding."""
-    if lengths is None:
-        return None
-    return (torch.arange(T, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)).unsqueeze(-1)
+HALF = (torch.float16, torch.bfloat16)
 
 
 def group_lstm_step(
-    gx: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, groups: int, perm: Optional[Tensor], fused: bool = False
+    gx: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, groups: int, perm: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
     """One time step of a group LSTM layer (batched over groups).
 
@@ -106,7 +57,6 @@ def group_lstm_step(
     c: K x B x H/K, the previous cell state in group-major layout.
     w_hh: K x 4H/K x H/K, the recurrent weights.
     perm: the shuffle permutation of h (shuffle_time) or None.
-    fused: the gate math as one C-kernel pass where it applies (``lstm_cell_pointwise``).
     Returns h' (B x H) and c' (K x B x H/K).
     """
     K = groups
@@ -114,36 +64,9 @@ def group_lstm_step(
     r = h if perm is None else h.index_select(1, perm)  # B x H, shuffle(h_{t-1})
     r = r.view(B, K, H // K).transpose(0, 1)  # B x H -> K x B x H/K
     gates = gx + grouped_linear(r, w_hh)  # K x B x H/K @ K x H/K x 4H/K -> K x B x 4H/K
-    h_new, c_new = lstm_cell_pointwise(gates, c, fused)  # K x B x H/K each
+    h_new, c_new = cell_pointwise(gates, c)  # K x B x H/K each
     h_new = h_new.transpose(0, 1).reshape(B, H)  # K x B x H/K -> B x H
     return h_new, c_new
-
-
-def to_group_major(v: Tensor, groups: int) -> Tensor:
-    """``B x H -> K x B x H/K``."""
-    B, H = v.size()
-    return v.view(B, groups, H // groups).transpose(0, 1).contiguous()
-
-
-def from_group_major(v: Tensor) -> Tensor:
-    """``K x B x H/K -> B x H``."""
-    K, B, Hk = v.size()
-    return v.transpose(0, 1).reshape(B, K * Hk)
-
-
-_FUSED = os.environ.get("GRNN_FUSED", "1") != "0"  # GRNN_FUSED=0 selects the autograd path everywhere
-
-
-def set_fused(enabled: bool) -> bool:
-    """Use the fused path (``fused_group_lstm.py``) where it applies; returns the previous setting."""
-    global _FUSED
-    previous, _FUSED = _FUSED, bool(enabled)
-    return previous
-
-
-def fused_enabled() -> bool:
-    """The setting of ``set_fused`` (GRNN_FUSED); the SRU layer's dispatch follows it too."""
-    return _FUSED
 
 
 def group_lstm_direction(
@@ -161,20 +84,26 @@ def group_lstm_direction(
     """Run one layer in one direction over a whole sequence; shapes as ``group_lstm_direction_autograd``.
 
     Dispatches to the fused autograd Function (hand-written backward through time, the fast path for
-    training and inference) when it supports the call, else to the readable batched autograd path: with
-    ``set_fused(False)`` or GRNN_FUSED=0, a mask that is not a right-padding prefix mask, or a shuffle with
+    training and inference) when it supports the call, else to the readable batched autograd path: with the
+    backend's ``path="reference"``, a mask that is not a right-padding prefix mask, or a shuffle with
     (H/K) % K != 0.
 
     Mixed precision (float16 / bfloat16 tensors, as fairseq's --fp16 makes them, or autocast, as --amp does)
-    runs the fused recurrence in float32 (cuDNN's practice for its half-precision LSTMs: the cell state and the
-    gate math in float32): the inputs are cast up, autocast is off inside, and the outputs are cast back to the
-    input's dtype (autocast: left in float32). The casts are autograd operations, so gradients return in the
-    parameters' own dtype.
+    keeps the cell state and the gate math in float32 (cuDNN's practice for its half-precision LSTMs). On the
+    Triton step (``steps.step_kind``) the fused path runs in the half dtype: its products read float16/bfloat16
+    operands and accumulate in float32, the cell state and the saved gate derivatives are float32, and the
+    outputs are in the half dtype (autocast: the inputs are cast to autocast's dtype, as for cuDNN's LSTM). On
+    the other steps the fused recurrence runs in float32: the inputs are cast up, autocast is off inside, and
+    the outputs are cast back to the input's dtype (autocast: left in float32). The casts are autograd
+    operations, so gradients return in the parameters' own dtype.
     """
-    if _FUSED:
+    if backend.fused():
         device = x.device.type
-        if x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(device):
-            dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        if x.dtype in HALF or torch.is_autocast_enabled(device):
+            half = _half_on_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurrent_mask)
+            if half is not None:
+                return half
+            dtype = x.dtype if x.dtype in HALF else torch.float32
             up = [None if v is None else v.float() for v in (x, h, c, w_ih, w_hh, b_ih, b_hh, recurrent_mask)]
             with torch.autocast(device_type=device, enabled=False):
                 out, h_n, c_n = group_lstm_direction(*up[:7], shuffle_time, mask, up[7])
@@ -183,6 +112,21 @@ def group_lstm_direction(
         if ok:
             return fused_group_lstm_direction(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, lengths, recurrent_mask)
     return group_lstm_direction_autograd(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurrent_mask)
+
+
+def _half_on_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurrent_mask):
+    """``group_lstm_direction``'s fused path in float16/bfloat16 on the Triton step (x's dtype, else autocast's),
+    or None where that step does not run the call."""
+    device = x.device.type
+    dtype = x.dtype if x.dtype in HALF else torch.get_autocast_dtype(device)
+    if dtype not in HALF or step_kind(x) != "triton":
+        return None
+    with torch.autocast(device_type=device, enabled=False):
+        ok, lengths = fused_supported(x, w_hh, shuffle_time, mask)
+        if not ok:
+            return None
+        args = [None if v is None else v.to(dtype) for v in (x, h, c, w_ih, w_hh, b_ih, b_hh, recurrent_mask)]
+        return fused_group_lstm_direction(*args[:7], shuffle_time, lengths, args[7])
 
 
 def group_lstm_direction_autograd(
@@ -233,7 +177,7 @@ def group_lstm_direction_autograd(
     return torch.stack(outputs, 0), h, from_group_major(c)
 
 
-class GroupLSTM(nn.Module):
+class GroupLSTM(RecurrentStack):
     r"""A stack of group LSTM layers with the interface of ``torch.nn.LSTM`` (sequence first).
 
     Args:
@@ -250,6 +194,8 @@ class GroupLSTM(nn.Module):
             every time step (Gal and Ghahramani 2016) instead of a fresh mask per step.
         recurrent_dropout: dropout on h_{t-1} before the recurrent projection, one mask per sequence,
             layer and direction (Gal and Ghahramani's dropout of the recurrent connections).
+        residual: a layer whose output (D*H) is as wide as its input adds its input to its output (Wu et al.
+            2016, GNMT's residual connections between stacked layers); not in nn.LSTM, so no ``to_dense``.
 
     Inputs: input, (h_0, c_0); lengths
         input: T x B x C.
@@ -268,6 +214,8 @@ class GroupLSTM(nn.Module):
     are its gates i, f, g, o. Initialized U(-1/sqrt(H), 1/sqrt(H)) as nn.LSTM.
     """
 
+    PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
     def __init__(
         self,
         input_size: int,
@@ -281,127 +229,37 @@ class GroupLSTM(nn.Module):
         shuffle_time: bool = True,
         variational: bool = False,
         recurrent_dropout: float = 0.0,
+        residual: bool = False,
     ):
-        super().__init__()
-        check_stack(input_size, hidden_size, groups, num_layers, dropout=dropout, recurrent_dropout=recurrent_dropout)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.groups = groups
+        super().__init__(input_size, hidden_size, num_layers, groups, dropout, bidirectional, shuffle_layers,
+                         variational, residual, recurrent_dropout=recurrent_dropout)  # fmt: skip
         self.bias = bias
-        self.dropout = dropout
-        self.bidirectional = bidirectional
-        self.num_directions = 2 if bidirectional else 1
-        self.shuffle_layers = shuffle_layers
         self.shuffle_time = shuffle_time
-        self.variational = variational
         self.recurrent_dropout = recurrent_dropout
-
         K, H = groups, hidden_size
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
-            for suffix in self._suffixes():
-                self.register_parameter(
-                    f"weight_ih_l{layer}{suffix}", nn.Parameter(torch.empty(K, 4 * H // K, layer_input // K))
-                )
-                self.register_parameter(
-                    f"weight_hh_l{layer}{suffix}", nn.Parameter(torch.empty(K, 4 * H // K, H // K))
-                )
-                if bias:
-                    self.register_parameter(f"bias_ih_l{layer}{suffix}", nn.Parameter(torch.empty(K, 4 * H // K)))
-                    self.register_parameter(f"bias_hh_l{layer}{suffix}", nn.Parameter(torch.empty(K, 4 * H // K)))
+            gates = (K, 4 * H // K)
+            self.register_layer(layer, {
+                "weight_ih": (*gates, self.layer_input_size(layer) // K), "weight_hh": (*gates, H // K),
+                "bias_ih": gates if bias else None, "bias_hh": gates if bias else None,
+            })  # fmt: skip
         self.reset_parameters()
-
-    def _suffixes(self):
-        return ["", "_reverse"] if self.bidirectional else [""]
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)  # nn.LSTM's init, so groups=1 starts as nn.LSTM does
         for p in self.parameters():
             nn.init.uniform_(p, -stdv, stdv)
 
-    def layer_weights(self, layer: int, direction: int) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction (biases None without bias)."""
-        suffix = self._suffixes()[direction]
-        w_ih = getattr(self, f"weight_ih_l{layer}{suffix}")
-        w_hh = getattr(self, f"weight_hh_l{layer}{suffix}")
-        if not self.bias:
-            return w_ih, w_hh, None, None
-        return w_ih, w_hh, getattr(self, f"bias_ih_l{layer}{suffix}"), getattr(self, f"bias_hh_l{layer}{suffix}")
+    def _repr_settings(self):
+        return super()._repr_settings() + [("bias", True), ("shuffle_time", True), ("recurrent_dropout", 0.0)]
 
-    def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, groups={self.groups}"
-        if not self.bias:
-            s += ", bias=False"
-        if self.dropout:
-            s += f", dropout={self.dropout}"
-        if self.bidirectional:
-            s += ", bidirectional=True"
-        if not self.shuffle_layers:
-            s += ", shuffle_layers=False"
-        if not self.shuffle_time:
-            s += ", shuffle_time=False"
-        if self.variational:
-            s += ", variational=True"
-        if self.recurrent_dropout:
-            s += f", recurrent_dropout={self.recurrent_dropout}"
-        return s
-
-    def init_state(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
-        B = input.size(1)
-        if hx is None:
-            zeros = input.new_zeros(self.num_layers * self.num_directions, B, self.hidden_size)
-            return zeros, zeros
-        h0, c0 = hx
-        expected = (self.num_layers * self.num_directions, B, self.hidden_size)
-        if tuple(h0.shape) != expected or tuple(c0.shape) != expected:
-            raise ValueError(f"expected h_0 and c_0 of shape {expected}, got {tuple(h0.shape)} and {tuple(c0.shape)}")
-        return h0, c0
-
-    def _dropout_mask(self, like: Tensor, p: float) -> Tensor:
-        """A B x C inverted-dropout mask (one per sequence)."""
-        return dropout_mask(like, p)
-
-    def layer_input(self, x: Tensor, layer: int) -> Tensor:
-        """What layer ``layer`` > 0 reads: dropout, then the shuffle (both act per channel, so they commute)."""
-        if self.training and self.dropout > 0:
-            if self.variational:
-                x = x * self._dropout_mask(x[0], self.dropout).unsqueeze(0)  # B x C mask, broadcast over T
-            else:
-                x = dropout(x, self.dropout, training=True)
-        if self.shuffle_layers and self.groups > 1:
-            x = channel_shuffle(x, self.groups)  # T x B x D*H, K groups
-        return x
-
-    def forward(
-        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None, lengths: Optional[Tensor] = None
-    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        T, B, C = input.size()
-        if C != self.input_size:
-            raise ValueError(f"GroupLSTM expected input of size {self.input_size}, got {C}")
-        h0, c0 = self.init_state(input, hx)
-        mask = step_mask(lengths, T, input.device)
-        x = input
-        h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            if layer > 0:
-                x = self.layer_input(x, layer)
-            outputs = []
-            for direction in range(self.num_directions):
-                idx = layer * self.num_directions + direction
-                w_ih, w_hh, b_ih, b_hh = self.layer_weights(layer, direction)
-                rmask = None
-                if self.training and self.recurrent_dropout > 0:
-                    rmask = self._dropout_mask(h0[idx], self.recurrent_dropout)
-                xd = x if direction == 0 else reverse_padded(x, lengths)
-                out, h, c = group_lstm_direction(
-                    xd, h0[idx], c0[idx], w_ih, w_hh, b_ih, b_hh, self.shuffle_time, mask, rmask
-                )
-                outputs.append(out if direction == 0 else reverse_padded(out, lengths))
-                h_n.append(h)
-                c_n.append(c)
-            x = outputs[0] if self.num_directions == 1 else torch.cat(outputs, dim=-1)  # T x B x D*H
-        return x, (torch.stack(h_n, 0), torch.stack(c_n, 0))
+    def run_direction(self, x, state, weights, layer, direction, mask):
+        h0, c0 = state
+        rmask = None
+        if self.training and self.recurrent_dropout > 0:
+            rmask = dropout_mask(h0, self.recurrent_dropout)  # B x H, one mask per sequence
+        out, h, c = group_lstm_direction(x, h0, c0, *weights, self.shuffle_time, mask, rmask)
+        return out, (h, c)
 
     @torch.no_grad()
     def to_dense(self) -> nn.LSTM:
@@ -411,6 +269,8 @@ class GroupLSTM(nn.Module):
         land where the shuffle took its inputs from. Between-layer dropout is copied; variational and
         recurrent dropout have no nn.LSTM equivalent, so the two match in eval mode only.
         """
+        if any(self.has_residual(layer) for layer in range(self.num_layers)):
+            raise ValueError("to_dense: nn.LSTM has no residual connections between layers (residual=True)")
         p = next(self.parameters())
         dense = nn.LSTM(
             self.input_size,
@@ -425,7 +285,7 @@ class GroupLSTM(nn.Module):
         for layer in range(self.num_layers):
             in_size = self.input_size if layer == 0 else H * self.num_directions
             in_perm = shuffle_permutation(in_size, K, p.device) if (layer > 0 and self.shuffle_layers) else None
-            for direction, suffix in enumerate(self._suffixes()):
+            for direction, suffix in enumerate(self.suffixes()):
                 w_ih, w_hh, b_ih, b_hh = self.layer_weights(layer, direction)
                 getattr(dense, f"weight_ih_l{layer}{suffix}").copy_(block_diagonal_gates(w_ih, in_perm))
                 getattr(dense, f"weight_hh_l{layer}{suffix}").copy_(block_diagonal_gates(w_hh, time_perm))
@@ -511,8 +371,42 @@ class GroupLSTMCell(nn.Module):
         bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh  # K x 4H/K
         gx = grouped_linear(xg, self.weight_ih, bias)  # K x B x C/K @ K x C/K x 4H/K -> K x B x 4H/K
         perm = shuffle_permutation(H, K, input.device) if (self.shuffle_time and K > 1) else None
-        h_new, c_new = group_lstm_step(gx, h, to_group_major(c, K), self.weight_hh, K, perm, fused=_FUSED)
+        h_new, c_new = group_lstm_step(gx, h, to_group_major(c, K), self.weight_hh, K, perm)
         return h_new, from_group_major(c_new)
+
+    def input_steps(self, head: Tensor, split: bool = True) -> "CellSteps":
+        """The cell at every step of a sequence whose input at step t is ``[head[t]; tail_t]``: ``head`` (T x B x E)
+        is known before the loop, ``tail_t`` is made by it (a decoder's input feeding). Returns ``steps`` with
+        ``steps(t, tail_t, (h, c)) == self(cat([head[t], tail_t]), (h, c))``. With one group, several steps and
+        ``split``, the head's share of the gates is one product for all steps and ``[tail_t; h]`` one product per
+        step, which is the same function in fewer, larger products. Make it before a ``deferred_weight_grads``
+        loop: its weights are made once."""
+        return CellSteps(self, head, split)
+
+
+class CellSteps:
+    """``GroupLSTMCell.input_steps``: the cell over a loop whose inputs start with a known ``head``."""
+
+    def __init__(self, cell: GroupLSTMCell, head: Tensor, split: bool):
+        T, B, E = head.shape
+        self.cell, self.head = cell, head
+        self.split = split and cell.groups == 1 and T > 1
+        if self.split:
+            w_ih, w_hh = cell.weight_ih[0], cell.weight_hh[0]  # 4H x C, 4H x H
+            bias = None if cell.bias_ih is None else cell.bias_ih[0] + cell.bias_hh[0]  # 4H
+            # a contiguous copy: a column slice of w_ih is a strided weight (oneDNN's reference kernel)
+            # T x B x E -> T x B x 4H -> T x (B x 4H): one autograd node for all steps (indexing step t would
+            # give each step's backward a zero-filled gradient of all T steps)
+            self.gates_head = linear(head, w_ih[:, :E].contiguous(), bias).unbind(0)
+            self.w_step = torch.cat([w_ih[:, E:], w_hh], dim=1)  # 4H x (C - E + H): [tail_t; h_{t-1}]
+
+    def __call__(self, t: int, tail: Tensor, hx: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+        if not self.split:
+            return self.cell(torch.cat([self.head[t], tail], dim=1), hx)  # B x C
+        h, c = hx
+        gates = self.gates_head[t] + linear(torch.cat([tail, h], dim=1), self.w_step)  # B x 4H
+        h, c = cell_pointwise(gates.unsqueeze(0), c.unsqueeze(0))  # 1 x B x H each
+        return h[0], c[0]
 
 
 def group_lstm_reference(
@@ -541,43 +435,3 @@ def group_lstm_reference(
         return torch.cat(new_h, -1), torch.cat(new_c, -1)  # equation 5: concatenate the groups
 
     return reference_stack(module, input, hx, lengths, cell, group_lstm_reference)
-
-
-def reference_stack(module: nn.Module, input: Tensor, hx, lengths: Optional[Tensor], cell, reference):
-    """The frame the step-by-step references share (GroupLSTM's and F-LSTM's): a padded batch runs every
-    sequence alone on its own length (``reference`` on each), else layer by layer (the channel shuffle between
-    layers when ``module.shuffle_layers``), direction by direction, ``h, c = cell(x_t, h, c, *weights)`` per
-    step with ``module.layer_weights(layer, direction)``. Returns (output T x B x D*H, (h_n, c_n))."""
-    T, B, _ = input.size()
-    K, D = module.groups, module.num_directions
-    h0, c0 = module.init_state(input, hx)
-    if lengths is not None:
-        outs, hs, cs = [], [], []
-        for b in range(B):
-            n = int(lengths[b])
-            o, (h, c) = reference(module, input[:n, b : b + 1], (h0[:, b : b + 1], c0[:, b : b + 1]))
-            outs.append(F.pad(o, (0, 0, 0, 0, 0, T - n)))  # n x 1 x D*H -> T x 1 x D*H
-            hs.append(h)
-            cs.append(c)
-        return torch.cat(outs, 1), (torch.cat(hs, 1), torch.cat(cs, 1))
-
-    x = input
-    h_n, c_n = [], []
-    for layer in range(module.num_layers):
-        if layer > 0 and module.shuffle_layers:
-            x = channel_shuffle(x, K)
-        outputs = []
-        for direction in range(D):
-            idx = layer * D + direction
-            weights = module.layer_weights(layer, direction)
-            h, c = h0[idx], c0[idx]
-            steps = range(T) if direction == 0 else range(T - 1, -1, -1)
-            out = [None] * T
-            for t in steps:
-                h, c = cell(x[t], h, c, *weights)
-                out[t] = h
-            outputs.append(torch.stack(out, 0))
-            h_n.append(h)
-            c_n.append(c)
-        x = torch.cat(outputs, -1)
-    return x, (torch.stack(h_n, 0), torch.stack(c_n, 0))

@@ -33,14 +33,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ConfigError
+
 
 def table_shape(num_words: int, num_rows: Optional[int] = None) -> Tuple[int, int]:
     """(R, C) of the smallest table with ``num_rows`` rows (default ceil(sqrt(V))) holding every word."""
     if num_words < 1:
-        raise ValueError(f"a LightRNN table needs at least one word, got {num_words}")
+        raise ConfigError(f"a LightRNN table needs at least one word, got {num_words}")
     rows = math.isqrt(num_words - 1) + 1 if num_rows is None else num_rows  # ceil(sqrt(V))
     if not 1 <= rows <= num_words:
-        raise ValueError(f"the number of table rows must be in [1, {num_words}] (the vocabulary size), got {rows}")
+        raise ConfigError(f"the number of table rows must be in [1, {num_words}] (the vocabulary size), got {rows}")
     return rows, -(-num_words // rows)
 
 
@@ -181,7 +183,7 @@ class LightRNNVocabulary(nn.Module):
         self.softmax = FactorizedSoftmax(hidden_dim, embed_dim, R, C)
         if share_input_output_embed:
             if hidden_dim != embed_dim:
-                raise ValueError(f"tied LightRNN vectors need hidden_dim ({hidden_dim}) == embed_dim ({embed_dim})")
+                raise ConfigError(f"tied LightRNN vectors need hidden_dim ({hidden_dim}) == embed_dim ({embed_dim})")
             self.softmax.row_out.weight = self.embedding.row.weight  # R x E
             self.softmax.col_out.weight = self.embedding.col.weight  # C x E
 

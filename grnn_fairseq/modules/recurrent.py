@@ -7,6 +7,7 @@ Both models call ``recurrent_stack`` for every stack of recurrent layers, so ``-
 
 from torch import nn
 
+from ..errors import ConfigError
 from .factorized_lstm import FactorizedLSTM
 from .group_lstm import GroupLSTM, GroupLSTMCell
 from .sru import SRU
@@ -30,6 +31,7 @@ def recurrent_stack(
     variational: bool = False,
     recurrent_dropout: float = 0.0,
     factorize_rank: int = 0,
+    residual: bool = False,
 ) -> nn.Module:
     """A stack of ``num_layers`` recurrent layers of one kind, sequence first (T x B x C in, T x B x D*H out).
 
@@ -39,16 +41,16 @@ def recurrent_stack(
     Every other argument as :class:`GroupLSTM`.
     """
     if cell not in CELLS:
-        raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
+        raise ConfigError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
     if factorize_rank < 0:
-        raise ValueError(f"factorize_rank must be >= 0, got {factorize_rank}")
+        raise ConfigError(f"factorize_rank must be >= 0, got {factorize_rank}")
     common = dict(num_layers=num_layers, groups=groups, dropout=dropout, bidirectional=bidirectional,
-                  shuffle_layers=shuffle_layers, variational=variational)  # fmt: skip
+                  shuffle_layers=shuffle_layers, variational=variational, residual=residual)  # fmt: skip
     if cell == "sru":
         if factorize_rank:
-            raise ValueError("factorize_rank applies to LSTM cells only, not to SRU")
+            raise ConfigError("factorize_rank applies to LSTM cells only, not to SRU")
         if recurrent_dropout:
-            raise ValueError("recurrent_dropout drops h_{t-1} before W_hh; SRU has no W_hh")
+            raise ConfigError("recurrent_dropout drops h_{t-1} before W_hh; SRU has no W_hh")
         return SRU(input_size, hidden_size, **common)
     if factorize_rank:
         return FactorizedLSTM(input_size, hidden_size, factorize_rank, shuffle_time=shuffle_time,

@@ -13,8 +13,8 @@ No matrix reads c_{t-1} or h_{t-1}: every product (W, W_f, W_r, W_x) runs over a
 is left sequential is the elementwise linear recurrence ``c_t = a_t * c_{t-1} + b_t`` with a_t = f_t and
 b_t = (1 - f_t) * x~_t. ``linear_recurrence`` computes it: on the fast path a ``torch.autograd.Function``
 whose forward and hand-written backward through time hold one fused multiply-add per step (the backward
-recurrence is the same scan run in reverse); ``set_fused(False)`` (or GRNN_FUSED=0, shared with GroupLSTM)
-selects a plain autograd loop. Nothing is compiled.
+recurrence is the same scan run in reverse); the backend's ``path="reference"`` (as for GroupLSTM) selects a
+plain autograd loop. Nothing is compiled.
 
 Semantics (what tests rely on):
 
@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .dropout import dropout, dropout_mask
-from .group_lstm import channel_shuffle, check_stack, fused_enabled, reverse_padded, step_mask
+from . import backend
+from .functional import channel_shuffle
+from .stack import RecurrentStack
 
 
 class LinearRecurrenceFunction(torch.autograd.Function):
@@ -95,8 +96,8 @@ def linear_recurrence_autograd(a: Tensor, b: Tensor, c0: Tensor) -> Tensor:
 
 
 def linear_recurrence(a: Tensor, b: Tensor, c0: Tensor) -> Tensor:
-    """``c_t = a_t * c_{t-1} + b_t``: the fused Function, or the autograd loop under ``set_fused(False)``."""
-    if fused_enabled():
+    """``c_t = a_t * c_{t-1} + b_t``: the fused Function, or the autograd loop on the reference path."""
+    if backend.fused():
         return LinearRecurrenceFunction.apply(a, b, c0)
     return linear_recurrence_autograd(a, b, c0)
 
@@ -149,7 +150,7 @@ def sru_direction(
     return h, c_n
 
 
-class SRU(nn.Module):
+class SRU(RecurrentStack):
     r"""A stack of (group) SRU layers, sequence first, with the interface of ``torch.nn.GRU``: its state is c.
 
     Args:
@@ -161,6 +162,7 @@ class SRU(nn.Module):
         bidirectional: D = 2 when True; both directions read the same layer input.
         shuffle_layers: channel shuffle of the input of every layer but the first.
         variational: one between-layer dropout mask per sequence, shared by all time steps.
+        residual: a layer whose output is as wide as its input adds its input to its output (GNMT).
 
     Inputs: input, c_0; lengths
         input: T x B x C.
@@ -176,6 +178,9 @@ class SRU(nn.Module):
     sqrt(3/fan_in)) with fan_in = I_l/K the input width of a group, biases 0.
     """
 
+    PARAMETERS = ("weight", "bias")
+    STATES = ("c",)
+
     def __init__(
         self,
         input_size: int,
@@ -186,33 +191,16 @@ class SRU(nn.Module):
         bidirectional: bool = False,
         shuffle_layers: bool = True,
         variational: bool = False,
+        residual: bool = False,
     ):
-        super().__init__()
-        check_stack(input_size, hidden_size, groups, num_layers, dropout=dropout)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.groups = groups
-        self.dropout = dropout
-        self.bidirectional = bidirectional
-        self.num_directions = 2 if bidirectional else 1
-        self.shuffle_layers = shuffle_layers
-        self.variational = variational
+        super().__init__(input_size, hidden_size, num_layers, groups, dropout, bidirectional, shuffle_layers,
+                         variational, residual)  # fmt: skip
         K, H = groups, hidden_size
         for layer in range(num_layers):
-            n = 3 if self.layer_input_size(layer) == H * self.num_directions else 4
-            for suffix in self._suffixes():
-                self.register_parameter(
-                    f"weight_l{layer}{suffix}", nn.Parameter(torch.empty(K, n * H // K, self.layer_input_size(layer) // K))
-                )
-                self.register_parameter(f"bias_l{layer}{suffix}", nn.Parameter(torch.empty(K, 2 * H // K)))
+            n = 4 if self.has_projection(layer) else 3
+            self.register_layer(layer, {"weight": (K, n * H // K, self.layer_input_size(layer) // K),
+                                        "bias": (K, 2 * H // K)})  # fmt: skip
         self.reset_parameters()
-
-    def _suffixes(self) -> List[str]:
-        return ["", "_reverse"] if self.bidirectional else [""]
-
-    def layer_input_size(self, layer: int) -> int:
-        return self.input_size if layer == 0 else self.hidden_size * self.num_directions
 
     def has_projection(self, layer: int) -> bool:
         """Whether layer ``layer`` projects its highway input (W_x) instead of passing x_t through."""
@@ -226,65 +214,12 @@ class SRU(nn.Module):
                 nn.init.uniform_(weight, -bound, bound)
                 nn.init.zeros_(bias)
 
-    def layer_weights(self, layer: int, direction: int) -> Tuple[Tensor, Tensor]:
-        """(weight, bias) of one layer and direction."""
-        suffix = self._suffixes()[direction]
-        return getattr(self, f"weight_l{layer}{suffix}"), getattr(self, f"bias_l{layer}{suffix}")
-
-    def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, groups={self.groups}"
-        if self.dropout:
-            s += f", dropout={self.dropout}"
-        if self.bidirectional:
-            s += ", bidirectional=True"
-        if not self.shuffle_layers:
-            s += ", shuffle_layers=False"
-        if self.variational:
-            s += ", variational=True"
-        return s
-
-    def init_state(self, input: Tensor, hx: Optional[Tensor]) -> Tensor:
-        expected = (self.num_layers * self.num_directions, input.size(1), self.hidden_size)
-        if hx is None:
-            return input.new_zeros(expected)
-        if tuple(hx.shape) != expected:
-            raise ValueError(f"expected c_0 of shape {expected}, got {tuple(hx.shape)}")
-        return hx
-
-    def layer_input(self, x: Tensor) -> Tensor:
-        """What a layer above the first reads: dropout, then the shuffle (both per channel, so they commute)."""
-        if self.training and self.dropout > 0:
-            if self.variational:
-                mask = dropout_mask(x[0], self.dropout)  # B x C
-                x = x * mask.unsqueeze(0)
-            else:
-                x = dropout(x, self.dropout, training=True)
-        if self.shuffle_layers and self.groups > 1:
-            x = channel_shuffle(x, self.groups)  # T x B x D*H, K groups
-        return x
-
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        T, B, C = input.size()
-        if C != self.input_size:
-            raise ValueError(f"SRU expected input of size {self.input_size}, got {C}")
-        c0 = self.init_state(input, hx)
-        mask = step_mask(lengths, T, input.device)
-        H, D = self.hidden_size, self.num_directions
-        x = input
-        c_n = []
-        for layer in range(self.num_layers):
-            if layer > 0:
-                x = self.layer_input(x)
-            outputs = []
-            for direction in range(D):
-                weight, bias = self.layer_weights(layer, direction)
-                xd = x if direction == 0 else reverse_padded(x, lengths)
-                highway = None if self.has_projection(layer) else xd[..., direction * H : (direction + 1) * H]
-                out, c = sru_direction(xd, c0[layer * D + direction], weight, bias, highway, mask)
-                outputs.append(out if direction == 0 else reverse_padded(out, lengths))
-                c_n.append(c)
-            x = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)  # T x B x D*H
-        return x, torch.stack(c_n, 0)
+    def run_direction(self, x, state, weights, layer, direction, mask):
+        (c0,) = state
+        H = self.hidden_size
+        highway = None if self.has_projection(layer) else x[..., direction * H : (direction + 1) * H]
+        out, c = sru_direction(x, c0, *weights, highway, mask)
+        return out, (c,)
 
 
 def sru_reference(
@@ -297,7 +232,7 @@ def sru_reference(
     """
     T, B, _ = input.size()
     K, H, D = module.groups, module.hidden_size, module.num_directions
-    c0 = module.init_state(input, hx)
+    (c0,) = module.init_state(input, hx)
     if lengths is not None:
         outs, cs = [], []
         for b in range(B):
@@ -310,6 +245,7 @@ def sru_reference(
     x = input
     c_n = []
     for layer in range(module.num_layers):
+        layer_in = x
         if layer > 0 and module.shuffle_layers:
             x = channel_shuffle(x, K)
         projection = module.has_projection(layer)
@@ -340,4 +276,6 @@ def sru_reference(
             outputs.append(torch.stack(out, 0))
             c_n.append(c)
         x = torch.cat(outputs, -1)
+        if module.has_residual(layer):
+            x = x + layer_in
     return x, torch.stack(c_n, 0)

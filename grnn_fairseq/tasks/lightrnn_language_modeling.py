@@ -20,6 +20,7 @@ from fairseq import utils
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from grnn_fairseq.errors import ConfigError
 from grnn_fairseq.models.group_lstm_lm import LIGHTRNN_TASK
 from grnn_fairseq.modules.lightrnn import accumulate_word_costs, allocation_cost, reallocate
 
@@ -53,7 +54,7 @@ class LightRNNLanguageModelingTask(LanguageModelingTask):
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
         if getattr(getattr(model, "decoder", None), "lightrnn", None) is None:
-            raise ValueError(f"--task {LIGHTRNN_TASK} needs a LightRNN model: --arch group_lstm_lm with --lightrnn")
+            raise ConfigError(f"--task {LIGHTRNN_TASK} needs a LightRNN model: --arch group_lstm_lm with --lightrnn")
         return model
 
     def begin_epoch(self, epoch, model):

@@ -1,0 +1,95 @@
+"""grnn_fairseq.modules.backend: one setting for every execution choice, deterministic by default, per thread,
+visible in the log and stored in checkpoints through the --grnn-* flags."""
+
+import re
+import threading
+
+import pytest
+import torch
+
+from conftest import REVERSAL_MODEL_FLAGS, fairseq_cli
+
+from grnn_fairseq.errors import ConfigError
+from grnn_fairseq.modules import backend
+
+
+def test_settings_are_validated_and_immutable():
+    with pytest.raises(ConfigError, match="backend step must be one of auto, c, torch, triton, got 'cuda'"):
+        backend.Backend(step="cuda")
+    setting = backend.Backend()
+    with pytest.raises(Exception):
+        setting.path = "reference"  # frozen: derive with replace
+    assert setting.replace(path="reference").path == "reference" and setting.path == "fused"
+
+
+def test_use_is_per_thread_and_nests():
+    """``use`` changes the setting of its own thread only, the innermost wins, and leaving it restores the outer one."""
+    seen = {}
+    inside = threading.Event()
+    done = threading.Event()
+
+    def other():
+        inside.wait()
+        seen["other"] = backend.current().products  # the process default, not the main thread's `use`
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with backend.use(products="onednn"):
+        with backend.use(path="reference"):
+            assert backend.current() == backend.Backend(path="reference", products="onednn")
+        assert backend.current() == backend.Backend(products="onednn")
+        inside.set()
+        done.wait()
+    thread.join()
+    assert seen["other"] == "auto" and backend.current() == backend.Backend()
+
+
+def test_the_default_rule_never_measures():
+    """products auto without benchmark: a fixed rule of the CPU vendor and the product's size (nothing timed)."""
+    backend.clear_measured()
+    from grnn_fairseq.modules.products import linear
+
+    x, w = torch.randn(512, 256), torch.randn(1024, 256)
+    want = backend.heuristic_onednn("linear", 512 * 256 * 1024)
+    assert want == (backend.cpu_vendor() == "AuthenticAMD")
+    assert not backend.heuristic_onednn("linear", 1000)  # small products: aten's everywhere
+    linear(x, w)
+    assert backend.measured() == {}
+
+
+def test_the_model_logs_its_backend_and_stores_its_flags(word_reversal, tmp_path):
+    """fairseq-train logs the resolved backend once and saves the --grnn-* flags with the model's args, so that
+    fairseq-generate runs the checkpoint on the same setting."""
+    save = tmp_path / "ckpt"
+    proc = fairseq_cli(
+        "fairseq-train", word_reversal.bin, *REVERSAL_MODEL_FLAGS, "--optimizer", "adam", "--lr", "0.001",
+        "--batch-size", "64", "--max-update", "2", "--save-dir", save, "--grnn-products", "aten",
+        "--grnn-no-defer-weight-grads", "--no-epoch-checkpoints",
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if "grnn_fairseq backend:" in line]
+    assert len(lines) == 1 and "products=aten" in lines[0] and "defer_weight_grads=off" in lines[0], lines
+    from fairseq import checkpoint_utils
+
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))
+    model_cfg = state["cfg"]["model"]
+    assert model_cfg.grnn_products == "aten" and model_cfg.grnn_no_defer_weight_grads is True
+    assert model_cfg.grnn_path == "fused" and model_cfg.grnn_step == "auto" and model_cfg.grnn_benchmark is False
+
+
+def test_the_same_command_twice_prints_the_same_losses(word_reversal, tmp_path):
+    """Default settings at the paper's IWSLT sizes on two threads (products above every size threshold): two runs
+    of one fairseq-train command log identical losses and gradient norms, to the last printed digit."""
+    def losses(run):
+        proc = fairseq_cli(
+            "fairseq-train", word_reversal.bin, "--user-dir", REVERSAL_MODEL_FLAGS[1], "--task", "translation",
+            "--arch", "group_rnnsearch_iwslt", "--cpu", "--num-workers", "0", "--required-batch-size-multiple", "1",
+            "--log-format", "simple", "--optimizer", "adam", "--lr", "0.002", "--batch-size", "64", "--max-update",
+            "6", "--log-interval", "1", "--disable-validation", "--no-save", "--seed", "3",
+            env={"OMP_NUM_THREADS": "2"},
+        )  # fmt: skip
+        found = re.findall(r"loss=([\d.]+).*?gnorm=([\d.]+)", proc.stdout + proc.stderr)
+        assert len(found) == 6, (run, proc.stderr[-2000:])
+        return found
+
+    assert losses(1) == losses(2)
