@@ -15,7 +15,7 @@ def version() -> str:
 
 
 # The fused GroupLSTM's pointwise step in C (grnn_fairseq/csrc/group_lstm_step.c), loaded with ctypes by
-# grnn_fairseq/modules/_kernel.py. Optional: without a C compiler the install goes on and the same step runs in
+# grnn_fairseq/modules/steps.py. Optional: without a C compiler the install goes on and the same step runs in
 # PyTorch operations. No Python or torch headers, so it builds in about a second. -fno-trapping-math lets gcc
 # vectorize the gate math; it does not change any result. -fopenmp splits a step's rows over torch's threads.
 STEP_KERNEL = Extension(
@@ -54,7 +54,9 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest"],
+        # the Triton step's kernels run on Triton's interpreter in tests/test_triton.py (about 1 GB, Linux wheels
+        # only; nothing is compiled at install or import: on a GPU Triton compiles a kernel at its first launch)
+        "test": ["pytest", "triton==3.9.0; sys_platform == 'linux'"],
         "gigaword": ["rouge-score"],  # scripts/eval-gigaword.sh: ROUGE-1/2/L F1
     },
 )

@@ -1,0 +1,478 @@
+"""The fused group LSTM's time step on Triton (``steps.TritonStep``) and ``GroupLSTMCell``'s step on the same kernels.
+
+One kernel launch per time step and direction of the pass. With K groups of Hk = H/K units, B rows, gates i, f, g, o:
+
+* Forward, ``_forward_kernel``, grid (K, B / BLOCK_B, Hk / BLOCK_J): a program owns rows ``b`` and units ``j`` of
+  group k (h order). It computes the four gates' recurrent products ``r_k @ W_k^T`` for its units (``tl.dot``,
+  float32 accumulation, the contraction over the group's Hk recurrent inputs in chunks of BLOCK_U), adds the
+  input projections (biases included), runs the gates and the cell in float32, and writes c_t, h_t into its
+  slot of the next step's recurrent input (shuffled: h unit (k, j) goes to group ``j // (Hk/K)``, unit
+  ``(j % (Hk/K)) * K + k``, so the shuffle is an address computation), h_t into the plain-order output, and the
+  gate derivatives the backward pass reads (``StepBuffers``: Q, QC, F).
+* Backward, ``_backward_kernel``, grid (K, B / BLOCK_B, Hk / BLOCK_R): a program owns rows ``b`` and units ``u`` of
+  group g of the recurrent input (r order). It first computes its tile of step t+1's recurrent-input gradient,
+  ``dr[g, b, u] = DG[g, t+1, b, :] @ W_g[:, u]`` (times the recurrent dropout mask), from the gate gradients the
+  launch of step t+1 wrote, then for the h unit that r unit holds it adds the output gradient, updates dc and writes
+  the four gate gradients of step t. Every h unit belongs to exactly one program, so nothing is computed twice
+  and dc (kept in r order, float32) is updated in place. After the loop one product-only launch gives dr_0.
+* The weight and input gradients are one batched product each over all T*B rows after the loop
+  (``fused_group_lstm.py``), as on CPU.
+
+float32, bfloat16 and float16 inputs: the products read the input dtype (bfloat16 and float16 on tensor cores),
+and accumulate, like the gate math, the cell state and the saved derivatives, in float32. float32 products use
+full float32 precision unless ``torch.backends.cuda.matmul.allow_tf32`` is set (as cuBLAS's do).
+
+Nothing is compiled at import: Triton compiles a kernel variant at its first launch on a GPU and caches it on disk.
+CPU tensors run the same kernels on Triton's interpreter (the tests' way; ``steps.step_kind`` sends CPU tensors
+here only with ``TRITON_INTERPRET=1`` and ``step="triton"``); the interpreter has no bfloat16 products, so there
+the products' operands are cast to float32 first. The kernels call Triton's builtins only (no ``tl.sigmoid``,
+a jitted library function), so that compiled and interpreted variants can live in one process.
+
+Tile sizes follow a fixed rule (``tile_sizes``) from B, K, Hk, the dtype and the multiprocessor count: no
+autotuning, the same command runs the same kernels. The rule is written for Hopper-class GPUs and not tuned by
+measurement.
+"""
+
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .steps import Step, StepBuffers, _h_split, _h_view
+
+HALF = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float32,) + HALF
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+
+def _forward_kernel(
+    G, R, R_next, W, RM, C, C_next, Q, QC, F, OUT,  # pointers (None where a flag leaves them out)
+    t, T, B, K, Hk, r_gs, c_gs,
+    SHUFFLE: tl.constexpr, SAVE: tl.constexpr, HAS_RM: tl.constexpr, HAS_PRODUCT: tl.constexpr,
+    HAS_OUT: tl.constexpr, SCALE_G: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_U: tl.constexpr,
+):  # fmt: skip
+    """Step t forward for rows rb and h units rj of group k.
+
+    G: K x T x B x 4Hk input projections with biases (g rows doubled unless SCALE_G). R: K x (T+1) x B x Hk
+    recurrent inputs in r order, group stride r_gs; R_next: R advanced by one step (h_t lands in R_next[:, t]).
+    W: K x Hk x 4Hk, the transposed recurrent weights (g columns doubled unless SCALE_G). RM: K x B x Hk dropout
+    mask in r order. C, C_next: K x (T+1) x B x Hk cell states (C_next one step ahead), group stride c_gs. Q: K x
+    T x B x 4Hk, QC, F: K x T x B x Hk, float32. OUT: T x B x K*Hk, h_t in plain order.
+    """
+    k = tl.program_id(0).to(tl.int64)
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # rows
+    rj = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)  # h units of group k
+    mb = rb < B
+    mj = rj < Hk
+    mbj = mb[:, None] & mj[None, :]
+    G4 = 4 * Hk
+    ts = t.to(tl.int64) * B  # first row of step t
+
+    acc_i = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
+    acc_f = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
+    acc_g = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
+    acc_o = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
+    if HAS_PRODUCT:
+        r_rows = R + k * r_gs + (ts + rb[:, None]) * Hk  # R[k, t, b, :]
+        w_cols = W + k * Hk * G4 + rj[None, :]  # W[k, :, j] of gate i; the other gates Hk, 2Hk, 3Hk further
+        for u0 in range(0, Hk, BLOCK_U):
+            ru = u0 + tl.arange(0, BLOCK_U)
+            mu = ru < Hk
+            mbu = mb[:, None] & mu[None, :]
+            r = tl.load(r_rows + ru[None, :], mask=mbu, other=0.0)  # BLOCK_B x BLOCK_U
+            if HAS_RM:
+                drop = tl.load(RM + k * B * Hk + rb[:, None] * Hk + ru[None, :], mask=mbu, other=0.0)
+                r = (r.to(tl.float32) * drop.to(tl.float32)).to(r.dtype)
+            w_ptr = w_cols + ru[:, None] * G4
+            muj = mu[:, None] & mj[None, :]
+            w_i = tl.load(w_ptr, mask=muj, other=0.0)  # BLOCK_U x BLOCK_J each
+            w_f = tl.load(w_ptr + Hk, mask=muj, other=0.0)
+            w_g = tl.load(w_ptr + 2 * Hk, mask=muj, other=0.0)
+            w_o = tl.load(w_ptr + 3 * Hk, mask=muj, other=0.0)
+            if UPCAST_DOT:
+                r, w_i, w_f = r.to(tl.float32), w_i.to(tl.float32), w_f.to(tl.float32)
+                w_g, w_o = w_g.to(tl.float32), w_o.to(tl.float32)
+            acc_i = tl.dot(r, w_i, acc_i, input_precision=PRECISION)
+            acc_f = tl.dot(r, w_f, acc_f, input_precision=PRECISION)
+            acc_g = tl.dot(r, w_g, acc_g, input_precision=PRECISION)
+            acc_o = tl.dot(r, w_o, acc_o, input_precision=PRECISION)
+
+    g_ptr = G + k * T * B * G4 + (ts + rb[:, None]) * G4 + rj[None, :]  # G[k, t, b, j]
+    z_i = acc_i + tl.load(g_ptr, mask=mbj, other=0.0).to(tl.float32)
+    z_f = acc_f + tl.load(g_ptr + Hk, mask=mbj, other=0.0).to(tl.float32)
+    z_g = acc_g + tl.load(g_ptr + 2 * Hk, mask=mbj, other=0.0).to(tl.float32)
+    z_o = acc_o + tl.load(g_ptr + 3 * Hk, mask=mbj, other=0.0).to(tl.float32)
+    if SCALE_G:
+        z_g = 2.0 * z_g
+    gate_i = 1.0 / (1.0 + tl.exp(-z_i))
+    gate_f = 1.0 / (1.0 + tl.exp(-z_f))
+    s_g = 1.0 / (1.0 + tl.exp(-z_g))
+    gate_o = 1.0 / (1.0 + tl.exp(-z_o))
+    gate_g = 2.0 * s_g - 1.0  # tanh of the undoubled pre-activation
+
+    state = (ts + rb[:, None]) * Hk + rj[None, :]  # [t, b, j] of a T x B x Hk (or (T+1) x B x Hk) group
+    c_prev = tl.load(C + k * c_gs + state, mask=mbj, other=0.0).to(tl.float32)
+    c = gate_f * c_prev + gate_i * gate_g
+    tanh_c = 2.0 / (1.0 + tl.exp(-2.0 * c)) - 1.0
+    h = gate_o * tanh_c
+    tl.store(C_next + k * c_gs + state, c.to(C_next.dtype.element_ty), mask=mbj)
+    if SHUFFLE:  # h unit (k, j) is unit (j % (Hk/K)) * K + k of group j // (Hk/K) of shuffle(h_t)
+        m = Hk // K
+        h_ptr = R_next + (rj // m)[None, :].to(tl.int64) * r_gs + (ts + rb[:, None]) * Hk + ((rj % m) * K + k)[None, :]
+    else:
+        h_ptr = R_next + k * r_gs + state
+    tl.store(h_ptr, h.to(R_next.dtype.element_ty), mask=mbj)
+    if HAS_OUT:
+        tl.store(OUT + (ts + rb[:, None]) * K * Hk + k * Hk + rj[None, :], h.to(OUT.dtype.element_ty), mask=mbj)
+    if SAVE:
+        q_ptr = Q + k * T * B * G4 + (ts + rb[:, None]) * G4 + rj[None, :]
+        tl.store(q_ptr, gate_i * (1.0 - gate_i) * gate_g, mask=mbj)  # dc -> d z_i
+        tl.store(q_ptr + Hk, gate_f * (1.0 - gate_f) * c_prev, mask=mbj)  # dc -> d z_f
+        tl.store(q_ptr + 2 * Hk, 4.0 * s_g * (1.0 - s_g) * gate_i, mask=mbj)  # dc -> d z_g (1 - g^2 = 4 s (1 - s))
+        tl.store(q_ptr + 3 * Hk, gate_o * (1.0 - gate_o) * tanh_c, mask=mbj)  # dh -> d z_o
+        s_off = k * T * B * Hk + state
+        tl.store(QC + s_off, gate_o * (1.0 - tanh_c * tanh_c), mask=mbj)  # dh -> dc
+        tl.store(F + s_off, gate_f, mask=mbj)  # dc_t -> dc_{t-1}
+
+
+def _backward_kernel(
+    DG, W, Q, QC, F, DC, DY, RM, DR,  # pointers (None where a flag leaves them out)
+    t, T, B, K, Hk, dy_st, dy_sb, dy_sk,
+    SHUFFLE: tl.constexpr, HAS_NEXT: tl.constexpr, POINTWISE: tl.constexpr, HAS_DY: tl.constexpr,
+    HAS_RM: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Step t backward for rows rb and r-order units ru of group g (module docstring).
+
+    DG: K x T x B x 4Hk gate gradients (of the undoubled pre-activations), read at t+1, written at t. W: K x 4Hk x
+    Hk. Q, QC, F as the forward kernel wrote them. DC: K x B x Hk, dc in r order, float32, updated in place. DY:
+    the gradient of h_t from outside, element [t, b, k, j] at t * dy_st + b * dy_sb + k * dy_sk + j. RM: K x B x
+    Hk dropout mask in r order. DR: K x B x Hk, float32, written by the product-only variant (POINTWISE off).
+    """
+    g = tl.program_id(0).to(tl.int64)
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # rows
+    ru = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # units of group g of the recurrent input
+    mb = rb < B
+    mu = ru < Hk
+    mbu = mb[:, None] & mu[None, :]
+    G4 = 4 * Hk
+    ts = t.to(tl.int64) * B
+    r_off = g * B * Hk + rb[:, None] * Hk + ru[None, :]  # [g, b, u] of a K x B x Hk tensor
+
+    dr = tl.full((BLOCK_B, BLOCK_R), 0.0, tl.float32)
+    if HAS_NEXT:  # dr_{t+1}[g, b, u] = DG[g, t+1, b, :] @ W[g, :, u]
+        a_rows = DG + g * T * B * G4 + (ts + B + rb[:, None]) * G4
+        w_cols = W + g * G4 * Hk + ru[None, :]
+        for n0 in range(0, G4, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            mn = rn < G4
+            a = tl.load(a_rows + rn[None, :], mask=mb[:, None] & mn[None, :], other=0.0)  # BLOCK_B x BLOCK_N
+            w = tl.load(w_cols + rn[:, None] * Hk, mask=mn[:, None] & mu[None, :], other=0.0)  # BLOCK_N x BLOCK_R
+            if UPCAST_DOT:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            dr = tl.dot(a, w, dr, input_precision=PRECISION)
+        if HAS_RM:
+            dr = dr * tl.load(RM + r_off, mask=mbu, other=0.0).to(tl.float32)
+        if not POINTWISE:
+            tl.store(DR + r_off, dr, mask=mbu)
+
+    if POINTWISE:
+        if SHUFFLE:  # r unit (g, u) holds h unit (u % K, g * Hk/K + u // K)
+            k = (ru % K).to(tl.int64)
+            j = g * (Hk // K) + ru // K
+        else:
+            k = g + 0 * ru.to(tl.int64)
+            j = ru.to(tl.int64)
+        dh = dr
+        if HAS_DY:
+            dy_ptr = DY + t.to(tl.int64) * dy_st + rb[:, None] * dy_sb + (k * dy_sk + j)[None, :]
+            dh += tl.load(dy_ptr, mask=mbu, other=0.0).to(tl.float32)
+        s_off = (k * T * B * Hk + j)[None, :] + (ts + rb[:, None]) * Hk  # [k, t, b, j] of QC and F
+        dc = tl.load(DC + r_off, mask=mbu, other=0.0) + dh * tl.load(QC + s_off, mask=mbu, other=0.0)
+        q_off = (k * T * B * G4 + j)[None, :] + (ts + rb[:, None]) * G4  # [k, t, b, j] of Q and DG, gate i
+        dg_type = DG.dtype.element_ty
+        tl.store(DG + q_off, (tl.load(Q + q_off, mask=mbu, other=0.0) * dc).to(dg_type), mask=mbu)
+        tl.store(DG + q_off + Hk, (tl.load(Q + q_off + Hk, mask=mbu, other=0.0) * dc).to(dg_type), mask=mbu)
+        tl.store(DG + q_off + 2 * Hk, (tl.load(Q + q_off + 2 * Hk, mask=mbu, other=0.0) * dc).to(dg_type), mask=mbu)
+        tl.store(DG + q_off + 3 * Hk, (tl.load(Q + q_off + 3 * Hk, mask=mbu, other=0.0) * dh).to(dg_type), mask=mbu)
+        tl.store(DC + r_off, dc * tl.load(F + s_off, mask=mbu, other=0.0), mask=mbu)  # dc_{t-1}
+
+
+_NOT_SPECIALIZED = ["t", "T", "B", "K"]  # step index and sizes that vary per batch: one compiled variant for all
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, interpreted: bool):
+    """The kernel ``name`` compiled by Triton (CUDA tensors) or run by its interpreter (CPU tensors), whatever
+    ``TRITON_INTERPRET`` says (``triton.jit`` would read it once, at decoration)."""
+    fn = {"forward": _forward_kernel, "backward": _backward_kernel}[name]
+    if interpreted:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(fn, do_not_specialize=_NOT_SPECIALIZED)
+    return triton.JITFunction(fn, do_not_specialize=_NOT_SPECIALIZED)
+
+
+# ------------------------------------------------------------------------------------------- tile sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes of one call: rows per program, forward h units per program (BLOCK_J) and contraction chunk
+    (BLOCK_U), backward r units per program (BLOCK_R) and contraction chunk (BLOCK_N), and the warps of a
+    forward and of a backward program."""
+
+    BLOCK_B: int
+    BLOCK_J: int
+    BLOCK_U: int
+    BLOCK_R: int
+    BLOCK_N: int
+    forward_warps: int
+    backward_warps: int
+
+
+MIN_TILE = 16  # tl.dot's smallest operand side on NVIDIA GPUs
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def tile_sizes(B: int, K: int, Hk: int, half: bool, processors: Optional[int]) -> Tiles:
+    """The fixed tile rule. processors: the GPU's multiprocessor count, or None for the interpreter, which takes
+    the smallest tiles (the most tiles, edges and loop iterations per size, at the least cost per program).
+
+    On a GPU: rows in tiles of up to 64 (at least 32 when B >= 32, so the weights are read at most B/32 times
+    per step), units in tiles of 32 halved until the grid has a program per multiprocessor, then rows halved
+    the same way; contraction chunks of 64 (32 in float32, whose tiles take twice the registers; forward at most
+    Hk rounded up to a power of two). Warps: one per 128 tile elements forward, per 256 backward, at least 4;
+    with these, ptxas (Triton 3.9, sm_90a) reports no register spills for any of the tiles, where 64 x 64 tiles
+    or fewer warps spill. Not tuned by timing."""
+    if processors is None:
+        return Tiles(MIN_TILE, MIN_TILE, MIN_TILE, MIN_TILE, MIN_TILE, 4, 4)
+    block_b = min(64, max(MIN_TILE, _pow2(B)))
+    block_j = min(32, max(MIN_TILE, _pow2(Hk)))
+
+    def programs(bb, bj):
+        return K * -(-B // bb) * -(-Hk // bj)
+
+    while block_j > MIN_TILE and programs(block_b, block_j) < processors:
+        block_j //= 2
+    floor_b = 32 if B >= 32 else MIN_TILE
+    while block_b > floor_b and programs(block_b, block_j) < processors:
+        block_b //= 2
+    chunk = 64 if half else 32
+    tile = block_b * block_j
+    return Tiles(block_b, block_j, min(chunk, max(MIN_TILE, _pow2(Hk))), block_j, chunk, max(4, tile // 128),
+                 max(4, tile // 256))  # fmt: skip
+
+
+def _tiles(x: Tensor, B: int, K: int, Hk: int) -> Tiles:
+    processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else None
+    return tile_sizes(B, K, Hk, x.dtype in HALF, processors)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_options(x: Tensor) -> dict:
+    """The products' constexpr flags: float32 operands under the interpreter (no bfloat16 products there), and
+    float32 products in full precision unless PyTorch's matmul flag allows TF32."""
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return {"UPCAST_DOT": not x.is_cuda, "PRECISION": "tf32" if tf32 else "ieee"}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _check(t: Optional[Tensor], name: str, shape: Tuple[int, ...], dtype: torch.dtype, device) -> None:
+    """ValueError naming the buffer unless ``t`` is a contiguous tensor of this shape, dtype and device: the
+    kernels compute every address from the sizes."""
+    if t is None:
+        return
+    if t.dtype != dtype or t.device != device:
+        raise ValueError(f"Triton step: {name} must be {dtype} on {device}, got {t.dtype} on {t.device}")
+    if tuple(t.shape) != shape or not t.is_contiguous():
+        raise ValueError(f"Triton step: {name} must be contiguous {shape}, got {tuple(t.shape)} strides {t.stride()}")
+
+
+def _group_views(G, T: int, B: int, G4: int) -> Tensor:
+    """The K input projections (T x B x 4H/K each) as one K x T x B x 4H/K tensor: they are consecutive slices
+    of one buffer (``products.input_projections`` writes them so); ValueError otherwise."""
+    K, first = len(G), G[0]
+    for k, g in enumerate(G):
+        if not g.is_contiguous() or g.data_ptr() != first.data_ptr() + k * T * B * G4 * g.element_size():
+            raise ValueError(f"Triton step: input projection {k} is not slice {k} of one K x T x B x 4H/K buffer")
+    return first.as_strided((K, T, B, G4), (T * B * G4, B * G4, G4, 1))
+
+
+# --------------------------------------------------------------------------------------------------- step
+
+
+class TritonStep(Step):
+    """A fused call's steps on the Triton kernels (module docstring).
+
+    Reads and writes ``StepBuffers`` as ``TorchStep`` does, except: C, Q, QC, F are float32 for float16 and
+    bfloat16 inputs; the forward writes ``out`` itself; the backward keeps dc in r order until
+    ``finish_backward``. It prepares its own weight layouts, so ``Step.__init__``'s products are not made.
+    """
+
+    def __init__(self, buf: StepBuffers, forward: bool):  # no super().__init__: its products go unused here
+        b = buf
+        x = b.x
+        if x.dtype not in DTYPES:
+            raise ValueError(f"Triton step: inputs must be float32, bfloat16 or float16, got {x.dtype}")
+        self.buf = b
+        K, T, B, Hk = b.K, b.T, b.B, b.Hk
+        G4, state = 4 * Hk, torch.float32
+        self.h_shape = (K, B, K, Hk // K) if b.shuffle else (K, B, 1, Hk)
+        self.dr: Optional[Tensor] = None
+        self.dc = None  # backward: dc_0 in h order once finish_backward has run
+        tiles = _tiles(x, B, K, Hk)
+        dev, dt = x.device, x.dtype
+        _check(b.R, "R", (K, T + 1, B, Hk), dt, dev)
+        _check(b.rm, "recurrent dropout mask", (K, B, Hk), dt, dev)
+        _check(b.Q, "Q", (K, T, B, G4), state, dev)
+        _check(b.QC, "QC", (K, T, B, Hk), state, dev)
+        _check(b.F, "F", (K, T, B, Hk), state, dev)
+        common = {"SHUFFLE": b.shuffle, "HAS_RM": b.rm is not None, **_dot_options(x)}
+        self.sizes = (T, B, K, Hk)
+        if forward:
+            _check(b.C, "C", (K, T + 1, B, Hk), state, dev)
+            _check(b.out, "out", (T, B, K * Hk), dt, dev)
+            _check(b.w_hh, "w_hh", (K, G4, Hk), dt, dev)
+            self.kernel = _kernel("forward", not x.is_cuda)
+            self.grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
+            w_t = b.w_hh.transpose(1, 2).contiguous()  # K x 4H/K x H/K -> K x H/K x 4H/K
+            G = _group_views(b.G, T, B, G4)  # K x T x B x 4H/K
+            # R[:, 1:] and C[:, 1:]: step t writes h_t and c_t at index t of these views
+            self.args = (G, b.R, b.R[:, 1:], w_t, b.rm, b.C, b.C[:, 1:], b.Q, b.QC, b.F, b.out)
+            self.strides = ((T + 1) * B * Hk, (T + 1) * B * Hk)  # group strides of R and C
+            self.flags = {**common, "SAVE": b.Q is not None, "HAS_PRODUCT": True, "HAS_OUT": True,
+                          "SCALE_G": False, "BLOCK_B": tiles.BLOCK_B, "BLOCK_J": tiles.BLOCK_J,
+                          "BLOCK_U": tiles.BLOCK_U, "num_warps": tiles.forward_warps}  # fmt: skip
+        else:
+            _check(b.DG, "DG", (K, T, B, G4), dt, dev)
+            _check(b.d_out, "output gradient", (T, B, K * Hk), dt, dev)
+            self.w = b.w_hh_grad.contiguous()  # K x 4H/K x H/K
+            _check(self.w, "w_hh", (K, G4, Hk), dt, dev)
+            self.kernel = _kernel("backward", not x.is_cuda)
+            self.grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_R))
+            self.dc_r = torch.zeros(K, B, Hk, dtype=state, device=dev)  # dc_t in r order
+            self.dy = b.d_out  # T x B x H, or a float32 copy once a final state's gradient is added
+            self.dy_own = False
+            self.flags = {**common, "BLOCK_B": tiles.BLOCK_B, "BLOCK_R": tiles.BLOCK_R, "BLOCK_N": tiles.BLOCK_N,
+                          "num_warps": tiles.backward_warps}  # fmt: skip
+
+    def forward_step(self, t: int) -> None:
+        self.kernel[self.grid](*self.args, t, *self.sizes, *self.strides, **self.flags)
+
+    def _launch_backward(self, t: int, pointwise: bool, dr: Optional[Tensor]) -> None:
+        b = self.buf
+        T, B, K, Hk = self.sizes
+        has_dy = self.dy is not None
+        self.kernel[self.grid](
+            b.DG, self.w, b.Q, b.QC, b.F, self.dc_r, self.dy if has_dy else None, b.rm, dr,
+            t, T, B, K, Hk, B * K * Hk, K * Hk, Hk,  # dy: T x B x H, element [t, b, k, j]
+            HAS_NEXT=t + 1 < T, POINTWISE=pointwise, HAS_DY=has_dy, **self.flags,
+        )  # fmt: skip
+
+    def backward_step(self, t: int, dh_add: Optional[Tensor], dc_add: Optional[Tensor]) -> None:
+        b = self.buf
+        T, B, K, Hk = self.sizes
+        if dc_add is not None:  # K x B x H/K in h order, added into dc's r-order slots
+            _h_view(self.dc_r.unsqueeze(1), K, b.shuffle).squeeze(1).add_(_h_split(dc_add, K, b.shuffle))
+        if dh_add is not None:  # into step t of a float32 copy of the output gradient
+            if not self.dy_own:
+                self.dy = (torch.zeros(T, B, K * Hk, dtype=torch.float32, device=b.x.device) if self.dy is None
+                           else self.dy.to(torch.float32, copy=True))  # fmt: skip
+                self.dy_own = True
+            self.dy[t].view(B, K, Hk).add_(dh_add.transpose(0, 1))  # K x B x H/K -> B x K x H/K
+        self._launch_backward(t, True, None)
+
+    def finish_backward(self) -> Optional[Tensor]:
+        b = self.buf
+        K, B, Hk = b.K, b.B, b.Hk
+        self.dc = torch.empty(K, B, Hk, dtype=torch.float32, device=b.x.device)  # dc_0, r order -> h order
+        self.dc.view(self.h_shape).copy_(_h_view(self.dc_r.unsqueeze(1), K, b.shuffle).squeeze(1))
+        if b.T == 0:
+            return None
+        self.dr = torch.empty(K, B, Hk, dtype=torch.float32, device=b.x.device)
+        self._launch_backward(-1, False, self.dr)  # dr_0 = DG[:, 0] @ W_hh, times the dropout mask
+        return self.dr
+
+
+# ---------------------------------------------------------------------------------------- the cell's step
+
+
+class TritonCellFunction(torch.autograd.Function):
+    """``GroupLSTMCell``'s pointwise step on the fused step's kernels (no recurrent product, no shuffle):
+    gates K x B x 4H/K (i, f, g, o pre-activations), c K x B x H/K -> h (gates' dtype), c' (c's dtype), each
+    K x B x H/K. The gate math and the saved derivatives are float32 whatever the inputs' dtype."""
+
+    @staticmethod
+    def forward(ctx, gates: Tensor, c: Tensor):
+        K, B, G4 = gates.shape
+        Hk = G4 // 4
+        if gates.dtype not in DTYPES or c.dtype not in DTYPES or c.device != gates.device:
+            raise ValueError(f"Triton cell: gates and c must be float32, bfloat16 or float16 on one device, got "
+                             f"{gates.dtype} on {gates.device} and {c.dtype} on {c.device}")  # fmt: skip
+        if tuple(c.shape) != (K, B, Hk):
+            raise ValueError(f"Triton cell: c must be {(K, B, Hk)} for gates {tuple(gates.shape)}, "
+                             f"got {tuple(c.shape)}")  # fmt: skip
+        z, c = gates.contiguous(), c.contiguous()
+        h, c_new = gates.new_empty(K, B, Hk), c.new_empty(K, B, Hk)
+        save = any(ctx.needs_input_grad)
+        f32 = {"dtype": torch.float32, "device": gates.device}
+        Q, QC, F = (torch.empty(K, B, G4, **f32), torch.empty(K, B, Hk, **f32), torch.empty(K, B, Hk, **f32)) if save \
+            else (None, None, None)  # fmt: skip
+        tiles = _tiles(gates, B, K, Hk)
+        grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
+        # one step (T = 1, t = 0) of the forward kernel: gates as G, h_t into h, c_t into c_new
+        _kernel("forward", not gates.is_cuda)[grid](
+            z, None, h, None, None, c, c_new, Q, QC, F, None, 0, 1, B, K, Hk, B * Hk, B * Hk,
+            SHUFFLE=False, SAVE=save, HAS_RM=False, HAS_PRODUCT=False, HAS_OUT=False, SCALE_G=True,
+            BLOCK_B=tiles.BLOCK_B, BLOCK_J=tiles.BLOCK_J, BLOCK_U=tiles.BLOCK_U, num_warps=tiles.forward_warps,
+            **_dot_options(gates),
+        )  # fmt: skip
+        if save:
+            ctx.save_for_backward(Q, QC, F)
+            ctx.dtypes = (gates.dtype, c.dtype)
+        return h, c_new
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh: Optional[Tensor], dc_new: Optional[Tensor]):
+        Q, QC, F = ctx.saved_tensors
+        K, B, G4 = Q.shape
+        Hk = G4 // 4
+        gates_dtype, c_dtype = ctx.dtypes
+        dc = Q.new_zeros(K, B, Hk) if dc_new is None else dc_new.to(torch.float32, copy=True)  # dc_t -> dc_{t-1}
+        dc = dc.contiguous()
+        dh = None if dh is None else dh.contiguous()
+        dgates = torch.empty(K, B, G4, dtype=gates_dtype, device=Q.device)
+        tiles = _tiles(dgates, B, K, Hk)
+        grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_R))
+        # one step (T = 1, t = 0) of the backward kernel without a product: dh (K x B x H/K) as the output gradient
+        _kernel("backward", not Q.is_cuda)[grid](
+            dgates, None, Q, QC, F, dc, dh, None, None, 0, 1, B, K, Hk, 0, Hk, B * Hk,
+            SHUFFLE=False, HAS_NEXT=False, POINTWISE=True, HAS_DY=dh is not None, HAS_RM=False,
+            BLOCK_B=tiles.BLOCK_B, BLOCK_R=tiles.BLOCK_R, BLOCK_N=tiles.BLOCK_N, num_warps=tiles.backward_warps,
+            **_dot_options(dgates),
+        )  # fmt: skip
+        return dgates, dc.to(c_dtype)
+
+
+def triton_cell(gates: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
+    """``steps.lstm_cell`` on the Triton kernels: gates K x B x 4H/K, c K x B x H/K -> h, c' (K x B x H/K)."""
+    return TritonCellFunction.apply(gates, c)

@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# The GPU checks of the Triton step in one run, sized for a fresh H100/H200 machine (under 9 minutes):
+#
+#   1. the CUDA parity tests: pytest -m cuda on the test files that hold them
+#   2. python -m grnn_fairseq.benchmark --device cuda: Triton, its CUDA-graph replay, the PyTorch-ops step,
+#      cuDNN's nn.LSTM and FlashRNN (when its wheel is here) over the default grid, CUDA events, JSON and PNG;
+#      the issue's target configuration (hidden 1024, bfloat16, T 35, B 64) first, FlashRNN there only (its
+#      kernels compile for every size), the configurations the time budget leaves out listed in the JSON
+#   3. UPDATES (200) updates of fairseq-train on Ding De-En in float16: group_rnnsearch_iwslt with 4 groups
+#      against fairseq's lstm_wiseman_iwslt_de_en (the sizes of scripts/benchmark_models.py, decoder 256), words
+#      per second, one run each. --fp16, not --bf16: fairseq 0.12's --bf16 turns on --tpu (its options.py).
+#
+# What it writes lands in $OUT (default ./gpu-check-out), 7 files: gpu-check.log (all output), pytest-cuda.xml,
+# bench-cuda.json, bench-cuda.png, train-lstm.log, train-group4.log, summary.json; a short summary is printed
+# last. Every stage runs whatever the stages before it gave; the exit status is 1 if any of them failed.
+#
+# Usage:
+#   bash scripts/gpu-check.sh --prepare   with internet, once: the Python 3.12 x86-64 wheels the GPU machine
+#                                         lacks into WHEELS (ve-fairseq, numpy<2 for fairseq, hydra-core,
+#                                         omegaconf, antlr4, bitarray, flashrnn; 38 MB), and a check of DATA
+#   bash scripts/gpu-check.sh             on the GPU machine (the device tool: carry .whl and
+#                                         data/ding-de-en/data-bin, timeout_s 600)
+#
+# On the GPU machine (python3 3.12 with CUDA torch and triton, no internet) the tests and the benchmark run in
+# its own environment with this checkout on PYTHONPATH (FlashRNN's wheel added for the benchmark), fairseq-train
+# with the other wheels in front (fairseq needs numpy < 2). Without a CUDA GPU it says so and runs nothing.
+#
+# Time: every stage's timeout fits in BUDGET seconds from the start: the tests up to 150 s, the benchmark up to
+# 220 s (no configuration started in its last 45 s; its JSON is written after every configuration), each
+# training run up to 110 s.
+#
+# Environment: PYTHON (python3), OUT, DATA (data/ding-de-en/data-bin), WHEELS (.whl), BUDGET (520),
+#   BENCH_REPEATS (10), UPDATES (200)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+OUT="${OUT:-$ROOT/gpu-check-out}"
+DATA="${DATA:-data/ding-de-en/data-bin}"
+WHEELS="${WHEELS:-.whl}"
+BUDGET="${BUDGET:-520}"
+BENCH_REPEATS="${BENCH_REPEATS:-10}"
+UPDATES="${UPDATES:-200}"
+SITE=/tmp/gpu-check-site  # fairseq and numpy < 2, for the training runs
+FLASH=/tmp/gpu-check-flash  # FlashRNN, for the benchmark
+
+log() { echo "[gpu-check $(date +%H:%M:%S)] $*"; }
+die() { echo "[gpu-check] ERROR: $*" >&2; exit 1; }
+
+# ------------------------------------------------------------------------------------------------ --prepare
+prepare() {
+    local platforms=() p spec name
+    mkdir -p "$WHEELS"
+    for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
+        platforms+=(--platform "$p")
+    done
+    for spec in ve-fairseq==0.12.3 numpy==1.26.4 hydra-core==1.3.8 omegaconf==2.3.1 bitarray==3.12.3 \
+                flashrnn==1.0.8; do
+        name="${spec%%==*}"
+        if compgen -G "$WHEELS/${name//-/_}-*.whl" >/dev/null; then
+            log "have $spec"
+            continue
+        fi
+        log "downloading $spec (Python 3.12, x86-64)"
+        "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            "${platforms[@]}" -d "$WHEELS" "$spec"
+    done
+    if ! compgen -G "$WHEELS/antlr4_python3_runtime-*.whl" >/dev/null; then
+        log "building antlr4-python3-runtime==4.9.3 (hydra-core's parser; PyPI has its source only)"
+        "$PYTHON" -m pip wheel -q --no-deps -w "$WHEELS" antlr4-python3-runtime==4.9.3
+    fi
+    log "wheels: $(du -sh "$WHEELS" | cut -f1) in $WHEELS"
+    if [[ -f "$DATA/dict.de.txt" ]]; then
+        log "data: $DATA ($(du -sh "$DATA" | cut -f1))"
+    else
+        log "no $DATA: run bash scripts/prepare-ding-de-en.sh first"
+    fi
+    log "ready: run bash scripts/gpu-check.sh on the GPU machine with $WHEELS and $DATA beside this checkout"
+}
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    prepare
+    exit 0
+fi
+[[ $# -eq 0 ]] || die "unknown argument $1 (usage: bash scripts/gpu-check.sh [--prepare])"
+
+# ------------------------------------------------------------------------------------------- on the GPU
+command -v "$PYTHON" >/dev/null || die "no $PYTHON: set PYTHON to an interpreter with torch"
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    seen="$("$PYTHON" -c 'import torch; print("torch", torch.__version__, "sees none")' 2>&1 | tail -n 1)"
+    echo "[gpu-check] no CUDA GPU here ($seen): these checks need one; run this script on a GPU machine" \
+         "(the device tool). Nothing was run." >&2
+    exit 1
+fi
+mkdir -p "$OUT"
+start=$(date +%s)
+deadline=$(( start + BUDGET ))
+declare -A RC SECONDS_OF
+
+limit() {  # limit CAP RESERVE: seconds for the next stage, at most CAP, leaving RESERVE for the stages after it
+    local left=$(( deadline - $(date +%s) - $2 ))
+    (( left < 10 )) && left=10
+    echo $(( $1 < left ? $1 : left ))
+}
+
+stage() {  # stage NAME COMMAND...: run it, record its exit status and seconds; never stops the script
+    local name="$1" t0 rc=0
+    shift
+    t0=$(date +%s)
+    log "== $name: $*"
+    "$@" || rc=$?
+    RC[$name]=$rc
+    SECONDS_OF[$name]=$(( $(date +%s) - t0 ))
+    log "== $name: exit $rc in ${SECONDS_OF[$name]} s"
+}
+
+install_wheels() {
+    local w fairseq_wheels=()
+    rm -rf "$SITE" "$FLASH"
+    if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+        log "no wheels in $WHEELS (bash scripts/gpu-check.sh --prepare): no FlashRNN rows, and fairseq-train" \
+            "runs only if the machine has fairseq"
+        return 0
+    fi
+    for w in "$WHEELS"/*.whl; do
+        case "$(basename "$w")" in
+            flashrnn-*) "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                            --target "$FLASH" "$w" ;;
+            *) fairseq_wheels+=("$w") ;;
+        esac
+    done
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+        "${fairseq_wheels[@]}"
+    log "installed: $(cd "$WHEELS" && ls -- *.whl | tr '\n' ' ')"
+}
+
+train() {  # train NAME RESERVE ARCH-FLAGS...: one fairseq-train run, its log in $OUT/train-NAME.log
+    local name="$1" reserve="$2"
+    shift 2
+    env PYTHONPATH="$SITE:$BASE_PATH" timeout "$(limit 110 "$reserve")" "$PYTHON" -m fairseq_cli.train \
+        "$DATA" --user-dir "$ROOT/grnn_fairseq" --task translation --fp16 --optimizer adam --lr 0.001 \
+        --clip-norm 2.5 --max-tokens 4000 --max-update "$UPDATES" --disable-validation --no-save \
+        --log-format simple --log-interval 20 --num-workers 0 --seed 1 --required-batch-size-multiple 1 "$@" \
+        > "$OUT/train-$name.log" 2>&1 || { tail -n 25 "$OUT/train-$name.log"; return 1; }
+    grep -E "num. shared model params|train_inner" "$OUT/train-$name.log" | tail -n 3
+}
+
+summarize() {  # the targets read from the benchmark's JSON and the training logs, into summary.json
+    local stages="" name
+    for name in tests benchmark train-lstm train-group4; do
+        stages+="\"$name\": {\"exit\": \"${RC[$name]:-not run}\", \"seconds\": ${SECONDS_OF[$name]:-0}}, "
+    done
+    "$PYTHON" - "$OUT" "{${stages%, }}" "$(( $(date +%s) - start ))" <<'EOF'
+import json, os, re, statistics, sys
+
+out, stages, seconds = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+summary = {"stages": stages, "seconds": seconds}
+try:
+    with open(os.path.join(out, "bench-cuda.json")) as f:
+        bench = json.load(f)
+    rows = [r for r in bench["rows"] if (r["hidden"], r["dtype"], r["seq_len"], r["batch"]) == (1024, "bfloat16", 35, 64)]
+    ms = {}
+    for r in rows:
+        ms.setdefault(r["K"], {})[r["path"]] = r["fwd_bwd_ms"]
+    cudnn = ms.get(None, {}).get("cudnn")
+    targets = {1: 0.7, 2: 1.3, 4: 2.0}  # forward + backward speed over cuDNN's
+    groups = []
+    for K in sorted(k for k in ms if k is not None):
+        t = ms[K]
+        flash, ours = t.get("flashrnn"), t.get("triton")
+        groups.append({"K": K, "fwd_bwd_ms": t, "x_cudnn": {p: cudnn / v if cudnn and v else None for p, v in t.items()},
+                       "target_x_cudnn": targets.get(K), "triton_x_flashrnn": flash / ours if flash and ours else None})
+    summary["target_config"] = {"hidden": 1024, "dtype": "bfloat16", "seq_len": 35, "batch": 64, "cudnn_ms": cudnn,
+                                "groups": groups, "not_timed": bench["config"]["skipped"] + bench["config"]["pending"]}
+except (OSError, ValueError, KeyError) as e:
+    summary["target_config"] = f"no benchmark result: {e!r}"
+wps = {}
+for name in ("lstm", "group4"):
+    try:
+        with open(os.path.join(out, f"train-{name}.log")) as f:  # mean wps after the first 40 updates
+            values = [float(v) for v in re.findall(r"train_inner .*?wps=([\d.]+)", f.read())][2:]
+        wps[name] = statistics.mean(values) if values else None
+    except OSError:
+        wps[name] = None
+summary["words_per_second"] = wps
+summary["group4_x_lstm"] = wps["group4"] / wps["lstm"] if wps["group4"] and wps["lstm"] else None  # target 1.5
+with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+
+x = lambda v: "-" if v is None else f"{v:.2f}x"
+print(f"\n==== gpu-check summary ({seconds} s) ====")
+for name, s in stages.items():
+    print(f"{name:<14} exit {s['exit']:<8} {s['seconds']:>4} s")
+tc = summary["target_config"]
+if isinstance(tc, dict):
+    print(f"hidden 1024, bfloat16, T 35, B 64, forward+backward: cuDNN {tc['cudnn_ms']} ms; speed over cuDNN:")
+    for g in tc["groups"]:
+        r = g["x_cudnn"]
+        print(f"  K={g['K']:<3} triton {x(r.get('triton'))} (target {g['target_x_cudnn'] or '-'})  graph "
+              f"{x(r.get('triton-graph'))}  torch-ops {x(r.get('torch-ops'))}  flashrnn {x(r.get('flashrnn'))}  "
+              f"triton over flashrnn {x(g['triton_x_flashrnn'])}")
+else:
+    print(tc)
+print(f"fairseq-train --fp16 words/s: lstm_wiseman_iwslt_de_en {wps['lstm']}, group_rnnsearch_iwslt groups 4 "
+      f"{wps['group4']}: {x(summary['group4_x_lstm'])} (target 1.50x)")
+EOF
+}
+
+checks() {
+    local bench_s failed=0 name cuda_tests
+    log "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo '?')"
+    "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
+          'CUDA', torch.version.cuda, '| triton', triton.__version__)" || log "triton is not importable here"
+    install_wheels || log "installing the wheels failed: FlashRNN and fairseq-train may be missing"
+    BASE_PATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+    mapfile -t cuda_tests < <(grep -l "pytest.mark.cuda" tests/test_*.py)
+    stage tests env PYTHONPATH="$BASE_PATH" timeout "$(limit 150 300)" "$PYTHON" -m pytest -q -m cuda \
+        -p no:cacheprovider --junitxml "$OUT/pytest-cuda.xml" "${cuda_tests[@]}"
+
+    bench_s=$(limit 220 220)
+    stage benchmark env PYTHONPATH="$BASE_PATH:$FLASH" PYTHONUNBUFFERED=1 timeout "$bench_s" "$PYTHON" \
+        -m grnn_fairseq.benchmark --device cuda --repeats "$BENCH_REPEATS" --warmup 3 --flashrnn target \
+        --max-minutes "$(awk -v s="$bench_s" 'BEGIN { printf "%.2f", (s - 45) / 60 }')" \
+        --json "$OUT/bench-cuda.json" --png "$OUT/bench-cuda.png"
+
+    if [[ -f "$DATA/dict.de.txt" ]]; then
+        stage train-lstm train lstm 110 --arch lstm_wiseman_iwslt_de_en --encoder-bidirectional \
+            --encoder-layers 2 --encoder-hidden-size 256 --decoder-layers 2 --decoder-hidden-size 256
+        stage train-group4 train group4 0 --arch group_rnnsearch_iwslt --encoder-groups 4 --decoder-groups 4
+    else
+        log "no $DATA (bash scripts/prepare-ding-de-en.sh, then carry it): the training runs are skipped"
+        RC[train-lstm]=skipped
+        RC[train-group4]=skipped
+    fi
+
+    summarize || log "the summary failed"
+    for name in tests benchmark train-lstm train-group4; do
+        [[ "${RC[$name]:-}" == 0 || "${RC[$name]:-}" == skipped ]] || failed=1
+    done
+    return $failed
+}
+
+checks 2>&1 | tee "$OUT/gpu-check.log"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,498 @@
+"""The Triton step kernels (grnn_fairseq/modules/triton_step.py) against the PyTorch-operations step (``TorchStep``,
+the semantics to match) and the reference paths: outputs, h_n, c_n and every gradient.
+
+Here they run on Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1`` with ``step="triton"``), at tiny
+sizes; the tests marked ``cuda`` run the compiled kernels on a GPU (``scripts/gpu-check.sh``) and skip without
+one. The interpreter has no bfloat16 products (the kernels cast their operands to float32 there) and rounds
+float32 to bfloat16 towards zero: the half-precision tolerances cover that.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the Triton kernels' tests need triton (pip install -e '.[test]')")
+
+from grnn_fairseq.modules import backend, group_lstm, steps, triton_step  # noqa: E402
+from grnn_fairseq.modules.fused_group_lstm import fused_group_lstm_direction  # noqa: E402
+from grnn_fairseq.modules.group_lstm import GroupLSTM, GroupLSTMCell, group_lstm_reference  # noqa: E402
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# relative error bounds against float32 PyTorch operations on the same (rounded) inputs
+HALF_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@pytest.fixture(autouse=True)
+def interpreter(request, monkeypatch):
+    """CPU tensors go to the Triton step (on its interpreter) where a test asks for step="triton"; the GPU tests
+    run without the variable (Triton's compiler reads it too)."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts the Triton kernels' launches by kernel name ("forward", "backward")."""
+    counts = {"forward": 0, "backward": 0}
+    real = triton_step._kernel
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                counts[self.name] += 1
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_step, "_kernel", lambda name, interpreted: Counted(name, real(name, interpreted)))
+    return counts
+
+
+def layer_case(T, B, I, H, K, dtype=torch.float32, device="cpu", padded=False, dropout=False, seed=0):
+    """One layer's inputs (x, h0, c0, w_ih, w_hh, b_ih, b_hh), lengths (a full-length and shorter sequences, or
+    None) and a recurrent dropout mask (B x H, or None), drawn in float32 and cast."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(dtype=dtype, device=device)
+
+    s = 2.0 / H**0.5
+    G4 = 4 * H // K
+    tensors = [rnd(T, B, I), rnd(B, H), rnd(B, H), rnd(K, G4, I // K, scale=s), rnd(K, G4, H // K, scale=s),
+               rnd(K, G4, scale=0.3), rnd(K, G4, scale=0.3)]  # fmt: skip
+    lengths = None
+    if padded:
+        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        lengths[0] = T
+        lengths = lengths.to(device)
+    rmask = None
+    if dropout:
+        rmask = ((torch.rand(B, H, generator=gen) > 0.3).float() / 0.7).to(dtype=dtype, device=device)
+    return tensors, lengths, rmask
+
+
+def run_layer(step, tensors, shuffle, lengths, rmask, final_only=False):
+    """Outputs, h_n, c_n and the gradients of all seven inputs of one weighted-sum loss, on ``step``; K = 1
+    stays on the step (no aten LSTM). final_only: the loss reads h_n and c_n only (no output gradient)."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in tensors]
+    with backend.use(step=step):
+        if step != "torch":  # the kernels must run, or the comparison would be of TorchStep with itself
+            assert steps.step_kind(inputs[0]) == "triton"
+        out, h_n, c_n = fused_group_lstm_direction(*inputs, shuffle, lengths, rmask, aten_at_one_group=False)
+        gen = torch.Generator().manual_seed(1)
+        loss = sum((v.float() * torch.randn(v.shape, generator=gen).to(v.device)).sum()
+                   for v in ((h_n, c_n) if final_only else (out, h_n, c_n)))  # fmt: skip
+        grads = torch.autograd.grad(loss, inputs)
+    return [out, h_n, c_n, *grads]
+
+
+def assert_close(got, want, tol, relative=False):
+    """Every tensor finite and within ``tol``: of the largest absolute difference, or with ``relative`` of
+    ||got - want|| / ||want|| (the measure for half precision, whose rounding scales with the values)."""
+    assert len(got) == len(want)
+    for n, (a, b) in enumerate(zip(got, want)):
+        assert a is not None and b is not None, f"missing tensor #{n}"
+        assert a.shape == b.shape, f"tensor #{n}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        a, b = a.detach().double().cpu(), b.detach().double().cpu()
+        assert torch.isfinite(a).all(), f"tensor #{n} has non-finite values"
+        err = ((a - b).norm() / b.norm()).item() if relative else (a - b).abs().max().item()
+        assert err <= tol, f"tensor #{n} differs by {err:.3g} ({'relative' if relative else 'absolute'})"
+
+
+# ------------------------------------------------------------------------------------ on the interpreter
+
+LAYER_CASES = [(1, False)] + list(itertools.product([2, 4], [False, True]))  # K, shuffle (K = 1 has none)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("K,shuffle", LAYER_CASES)
+def test_float32_layer_matches_pytorch_step(K, shuffle, padded):
+    """float32: the Triton kernels against TorchStep, every gradient; padding comes with recurrent dropout."""
+    tensors, lengths, rmask = layer_case(5, 3, 8, 16, K, padded=padded, dropout=padded)
+    got = run_layer("triton", tensors, shuffle, lengths, rmask)
+    want = run_layer("torch", tensors, shuffle, lengths, rmask)
+    assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_final_state_gradient_only(shuffle):
+    """No output gradient (d_out None): h_n's and c_n's gradients enter at each sequence's last step."""
+    tensors, lengths, rmask = layer_case(5, 3, 8, 16, 2, padded=True)
+    got = run_layer("triton", tensors, shuffle, lengths, rmask, final_only=True)
+    want = run_layer("torch", tensors, shuffle, lengths, rmask, final_only=True)
+    assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_tile_edges(dtype):
+    """Sizes that are not multiples of the tiles: two row tiles (B = 20), two unit tiles and two contraction
+    chunks with partial last ones (H/K = 24), the shuffle's groups crossing unit tiles (H/K/K = 12)."""
+    tensors, lengths, rmask = layer_case(3, 20, 48, 48, 2, dtype=dtype, padded=True, dropout=True)
+    got = run_layer("triton", tensors, True, lengths, rmask)
+    want = run_layer("torch", [t.float() for t in tensors], True, lengths, None if rmask is None else rmask.float())
+    if dtype == torch.float32:
+        assert_close(got, want, 1e-5)
+    else:
+        assert_close(got, want, HALF_TOL[dtype], relative=True)
+
+
+HALF_CASES = [(torch.bfloat16, 1, False), (torch.bfloat16, 2, False), (torch.bfloat16, 2, True),
+              (torch.bfloat16, 4, True), (torch.float16, 2, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,K,shuffle", HALF_CASES)
+def test_half_layer_matches_float32(dtype, K, shuffle, monkeypatch):
+    """float16/bfloat16 stay in their dtype on the Triton step (products on half operands, C, Q, QC, F in
+    float32): outputs and gradients in the half dtype, close to float32 PyTorch operations on the same values."""
+    seen = []
+    real_init = triton_step.TritonStep.__init__
+
+    def init(self, buf, forward):
+        seen.append((buf.x.dtype, buf.R.dtype, buf.C.dtype if forward else buf.DG.dtype, buf.Q.dtype))
+        real_init(self, buf, forward)
+
+    monkeypatch.setattr(triton_step.TritonStep, "__init__", init)
+    tensors, lengths, rmask = layer_case(5, 3, 8, 16, K, dtype=dtype, padded=True, dropout=True)
+    got = run_layer("triton", tensors, shuffle, lengths, rmask)
+    assert all(v.dtype == dtype for v in got)
+    assert seen == [(dtype, dtype, torch.float32, torch.float32), (dtype, dtype, dtype, torch.float32)]
+    want = run_layer("torch", [t.float() for t in tensors], shuffle, lengths, rmask.float())
+    assert_close(got, want, HALF_TOL[dtype], relative=True)
+
+
+@pytest.mark.parametrize("K,shuffle_time,shuffle_layers", [(2, False, False), (2, True, False), (2, False, True),
+                                                           (4, True, True)])  # fmt: skip
+def test_module_matches_reference(fused_mode, K, shuffle_time, shuffle_layers):
+    """A two-layer bidirectional GroupLSTM with padding on the Triton step, each shuffle on and off, against
+    the readable autograd path and ``group_lstm_reference``."""
+    torch.manual_seed(0)
+    module = GroupLSTM(8, 16, num_layers=2, groups=K, bidirectional=True, shuffle_time=shuffle_time,
+                       shuffle_layers=shuffle_layers).eval()  # fmt: skip
+    x, lengths = torch.randn(4, 3, 8), torch.tensor([4, 2, 3])
+
+    def run(fn):
+        module.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_(True)
+        y, (h, c) = fn(module, xs, None, lengths)
+        (y.sum() + (h * h).sum() + c.sum()).backward()
+        return [y, h, c, xs.grad] + [p.grad for p in module.parameters()]
+
+    def module_call(m, xs, hx, lens):
+        return m(xs, hx, lengths=lens)
+
+    fused_mode(step="triton")
+    assert steps.step_kind(x) == "triton"
+    got = run(module_call)
+    fused_mode(False)
+    assert_close(got, run(module_call), 1e-5)
+    assert_close(got, run(group_lstm_reference), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_module_stays_half_on_triton(fused_mode, monkeypatch, dtype):
+    """fairseq --fp16/--bf16 (a half module): the dispatch hands the fused path half tensors, no up-cast; the
+    parameters' gradients come back in their dtype."""
+    torch.manual_seed(0)
+    module = GroupLSTM(8, 16, num_layers=2, groups=2).eval()
+    x = torch.randn(4, 3, 8)
+    want, _ = module(x, lengths=torch.tensor([4, 2, 3]))
+    calls = []
+    real = group_lstm.fused_group_lstm_direction
+    monkeypatch.setattr(group_lstm, "fused_group_lstm_direction", lambda *a: calls.append(a[0].dtype) or real(*a))
+    fused_mode(step="triton")
+    module.to(dtype)
+    assert steps.step_kind(x.to(dtype)) == "triton"
+    y, (h, c) = module(x.to(dtype).requires_grad_(True), lengths=torch.tensor([4, 2, 3]))
+    y.float().sum().backward()
+    assert calls == [dtype, dtype] and y.dtype == h.dtype == c.dtype == dtype
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in module.parameters())
+    assert_close([y], [want], HALF_TOL[dtype] * 2, relative=True)  # rounded weights too
+
+
+def test_autocast_runs_half_on_triton(fused_mode, monkeypatch):
+    """Autocast (fairseq --amp): on the Triton step the layer runs in autocast's dtype, as cuDNN's LSTM does."""
+    torch.manual_seed(0)
+    module = GroupLSTM(8, 16, groups=2).eval()
+    x = torch.randn(4, 3, 8)
+    want, _ = module(x)
+    calls = []
+    real = group_lstm.fused_group_lstm_direction
+    monkeypatch.setattr(group_lstm, "fused_group_lstm_direction", lambda *a: calls.append(a[0].dtype) or real(*a))
+    fused_mode(step="triton")
+    assert steps.step_kind(x) == "triton"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = module(x)
+    assert calls == [torch.bfloat16] and got.dtype == torch.bfloat16
+    assert_close([got], [want], 2 * HALF_TOL[torch.bfloat16], relative=True)
+
+
+def test_every_step_runs_on_the_kernels(launches):
+    """One forward launch per step and one backward launch per step plus the last recurrent product; nothing
+    falls back to PyTorch operations."""
+    tensors, lengths, rmask = layer_case(5, 3, 8, 16, 2, padded=True, dropout=True)
+    run_layer("triton", tensors, True, lengths, rmask)
+    assert launches == {"forward": 5, "backward": 6}
+    with torch.no_grad(), backend.use(step="triton"):
+        fused_group_lstm_direction(*tensors, True, lengths, rmask)
+    assert launches["forward"] == 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_cell_matches_pytorch_cell(fused_mode, launches, dtype, K):
+    """GroupLSTMCell on the Triton cell kernels against PyTorch operations over two chained steps: h', c' and
+    the gradients of the input, h, c and every parameter, from losses on h and c, on h only and on c only."""
+    torch.manual_seed(0)
+    cell = GroupLSTMCell(8, 16, groups=K).to(dtype)
+    x = torch.randn(2, 3, 8).to(dtype)
+    hx = (torch.randn(3, 16).to(dtype), torch.randn(3, 16).to(dtype))
+
+    def run(step, loss_of, dt):  # the reference in float32 on the same (rounded) values
+        fused_mode(step=step)
+        cell.to(dt).zero_grad(set_to_none=True)
+        xs = x.to(dt, copy=True).requires_grad_(True)
+        h0, c0 = (v.to(dt, copy=True).requires_grad_(True) for v in hx)
+        h, c = cell(xs[0], (h0, c0))
+        h, c = cell(xs[1], (h, c))
+        loss_of(h.float(), c.float()).backward()
+        return [h, c, xs.grad, h0.grad, c0.grad] + [p.grad for p in cell.parameters()]
+
+    for loss_of in (lambda h, c: (1.5 * h).sum() + (c * c).sum(), lambda h, c: (h * h).sum(), lambda h, c: c.sum()):
+        got = run("triton", loss_of, dtype)
+        assert all(v.dtype == dtype for v in got)
+        want = run("torch", loss_of, torch.float32)
+        if dtype == torch.float32:
+            assert_close(got, want, 1e-5)
+        else:
+            assert_close(got, want, HALF_TOL[dtype], relative=True)
+    assert launches == {"forward": 6, "backward": 6}
+
+
+def test_step_kind_resolution(monkeypatch):
+    """auto takes Triton for CUDA tensors of float32, bfloat16 and float16 only; an explicit "triton" takes CPU
+    tensors only on the interpreter, never float64 (PyTorch operations run those)."""
+    with backend.use(step="triton"):
+        assert steps.step_kind(torch.zeros(1)) == "triton"
+        assert steps.step_kind(torch.zeros(1, dtype=torch.bfloat16)) == "triton"
+        assert steps.step_kind(torch.zeros(1, dtype=torch.float64)) == "torch"
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert steps.step_kind(torch.zeros(1)) == "torch"
+        monkeypatch.setattr(steps, "triton_available", lambda: False)
+        with pytest.raises(RuntimeError, match="--grnn-step triton: Triton is not installed"):
+            steps.step_kind(torch.zeros(1))
+    with backend.use(step="auto"):
+        assert steps.step_kind(torch.zeros(1, dtype=torch.bfloat16)) == "torch"  # no CUDA, no interpreter
+
+
+def test_bad_buffers_are_refused():
+    """The kernels compute addresses from the sizes: a buffer of another dtype or layout is an error naming it."""
+    tensors, _, _ = layer_case(3, 2, 8, 16, 2)
+    x = tensors[0]
+    K, T, B, Hk = 2, 3, 2, 8
+    R = x.new_zeros(K, T + 1, B, Hk)
+    C = x.new_zeros(K, T + 1, B, Hk)
+    G = x.new_zeros(K, T * B, 4 * Hk)
+    buf = steps.StepBuffers(x=x, K=K, T=T, B=B, Hk=Hk, shuffle=True, R=R, C=C, w_hh=x.new_zeros(K, 4 * Hk, Hk),
+                            G=[g.view(T, B, 4 * Hk) for g in G], out=x.new_empty(T, B, K * Hk))  # fmt: skip
+    triton_step.TritonStep(buf, forward=True)  # the layout the fused path makes
+    with pytest.raises(ValueError, match="Triton step: C must be torch.float32"):
+        triton_step.TritonStep(steps.StepBuffers(**{**buf.__dict__, "C": C.double()}), forward=True)
+    strided = R.transpose(2, 3).contiguous().transpose(2, 3)  # the same shape, another layout
+    with pytest.raises(ValueError, match="Triton step: R must be contiguous"):
+        triton_step.TritonStep(steps.StepBuffers(**{**buf.__dict__, "R": strided}), forward=True)
+    with pytest.raises(ValueError, match="input projection 1 is not slice 1"):
+        triton_step.TritonStep(steps.StepBuffers(**{**buf.__dict__, "G": [G[0].view(T, B, -1)] * 2}), forward=True)
+    with pytest.raises(ValueError, match="inputs must be float32, bfloat16 or float16"):
+        triton_step.TritonStep(steps.StepBuffers(**{**buf.__dict__, "x": x.double()}), forward=True)
+
+
+def test_tile_rule():
+    """The interpreter takes the smallest tiles; on a GPU, tiles are at least tl.dot's 16, powers of two, at
+    most 64 rows and 32 units, shrink until the grid has a program per multiprocessor where they can, and
+    have at most 32 forward and 64 backward tile elements per thread."""
+    assert triton_step.tile_sizes(64, 4, 256, True, None) == triton_step.Tiles(16, 16, 16, 16, 16, 4, 4)
+    for B, K, Hk, sms in itertools.product([3, 64, 128], [1, 4, 16], [16, 64, 256, 1024], [132]):
+        t = triton_step.tile_sizes(B, K, Hk, True, sms)
+        for size in (t.BLOCK_B, t.BLOCK_J, t.BLOCK_U, t.BLOCK_R, t.BLOCK_N):
+            assert 16 <= size <= 64 and size & (size - 1) == 0
+        assert t.BLOCK_J == t.BLOCK_R <= 32
+        programs = K * -(-B // t.BLOCK_B) * -(-Hk // t.BLOCK_J)
+        assert programs >= sms or t.BLOCK_J == 16 and t.BLOCK_B <= (32 if B >= 32 else 16)
+        assert t.BLOCK_B * t.BLOCK_J <= 32 * 32 * t.forward_warps and t.BLOCK_B * t.BLOCK_J <= 64 * 32 * t.backward_warps
+    assert triton_step.tile_sizes(64, 1, 1024, False, 132).BLOCK_U == 32  # float32 contraction chunks
+
+
+def compile_for_hopper(name, pointer_types, constants, num_warps):
+    """Triton's compiler (front end, LLVM and its bundled ptxas) on one kernel variant for sm_90, no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = triton_step._kernel(name, False)
+    signature = {a: "constexpr" if a in constants else pointer_types.get(a, "i32") for a in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps})  # fmt: skip
+    return kernel.asm["cubin"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_hopper(dtype):
+    """Every variant the layer and the cell launch compiles to sm_90 machine code with the tile rule's tiles,
+    at the tiles of a small and of a large configuration (what the interpreter cannot show: tl.dot's shape and
+    type rules, the lowering of every operation)."""
+    pytest.importorskip("triton.compiler", reason="Triton's compiler")
+    half = dtype != "fp32"
+    p = "*" + dtype
+    fwd = {"G": p, "R": p, "R_next": p, "W": p, "RM": p, "OUT": p, "C": "*fp32", "C_next": "*fp32", "Q": "*fp32",
+           "QC": "*fp32", "F": "*fp32"}  # fmt: skip
+    bwd = {"DG": p, "W": p, "DY": p, "RM": p, "Q": "*fp32", "QC": "*fp32", "F": "*fp32", "DC": "*fp32", "DR": "*fp32"}
+    dot = {"UPCAST_DOT": False, "PRECISION": "ieee"}
+    for B, K, Hk in ((64, 4, 256), (128, 1, 2048)):
+        t = triton_step.tile_sizes(B, K, Hk, half, 132)
+        ftiles = {"BLOCK_B": t.BLOCK_B, "BLOCK_J": t.BLOCK_J, "BLOCK_U": t.BLOCK_U}
+        btiles = {"BLOCK_B": t.BLOCK_B, "BLOCK_R": t.BLOCK_R, "BLOCK_N": t.BLOCK_N}
+        for save in (True, False):  # training, inference
+            flags = {"SHUFFLE": True, "SAVE": save, "HAS_RM": save, "HAS_PRODUCT": True, "HAS_OUT": True,
+                     "SCALE_G": False, **dot, **ftiles}  # fmt: skip
+            unused = {} if save else {"Q": None, "QC": None, "F": None, "RM": None}
+            assert compile_for_hopper("forward", fwd, {**flags, **unused}, t.forward_warps)
+        for has_next, pointwise in ((True, True), (False, True), (True, False)):  # a step, the last, dr_0
+            flags = {"SHUFFLE": True, "HAS_NEXT": has_next, "POINTWISE": pointwise, "HAS_DY": True, "HAS_RM": True,
+                     **dot, **btiles}  # fmt: skip
+            unused = {"W": None} if not has_next else ({"DR": None} if pointwise else {})
+            assert compile_for_hopper("backward", bwd, {**flags, **unused}, t.backward_warps)
+    t = triton_step.tile_sizes(50, 4, 64, half, 132)  # the cell: one step, no product, no shuffle
+    flags = {"SHUFFLE": False, "SAVE": True, "HAS_RM": False, "HAS_PRODUCT": False, "HAS_OUT": False, "SCALE_G": True,
+             **dot, "BLOCK_B": t.BLOCK_B, "BLOCK_J": t.BLOCK_J, "BLOCK_U": t.BLOCK_U}  # fmt: skip
+    unused = {"R": None, "W": None, "RM": None, "OUT": None}
+    assert compile_for_hopper("forward", fwd, {**flags, **unused}, t.forward_warps)
+    flags = {"SHUFFLE": False, "HAS_NEXT": False, "POINTWISE": True, "HAS_DY": True, "HAS_RM": False, **dot,
+             "BLOCK_B": t.BLOCK_B, "BLOCK_R": t.BLOCK_R, "BLOCK_N": t.BLOCK_N}  # fmt: skip
+    assert compile_for_hopper("backward", bwd, {**flags, "W": None, "RM": None, "DR": None}, t.backward_warps)
+
+
+def test_cuda_benchmark_pieces_run_without_a_gpu(tmp_path):
+    """What of ``benchmark --device cuda`` runs on a CPU: the grid order (the target configuration first), the
+    candidates' closures (Triton on the interpreter, the PyTorch-ops step, FlashRNN's glue against a stand-in
+    that checks the shapes of its API; the graph rows need CUDA), the figure, and the message without a GPU."""
+    from grnn_fairseq import benchmark
+
+    grid = benchmark.cuda_grid([256, 1024], [35, 100], [64], ["float32", "bfloat16"])
+    assert grid[0] == (1024, 35, 64, "bfloat16") and len(set(grid)) == len(grid) == 8
+    x, gy = torch.randn(3, 2, 16, requires_grad=True), torch.randn(3, 2, 16)
+    calls = []
+
+    def flashrnn(Wx, R, b, function, backend, dtype):  # FlashRNN's shapes: BTGHD, GHDP, GHD; states SBTHD
+        assert (tuple(Wx.shape), tuple(R.shape), tuple(b.shape)) == ((2, 3, 4, 4, 4), (4, 4, 4, 4), (4, 4, 4))
+        assert (function, backend, dtype) == ("lstm", "triton_fused", "float32")
+        calls.append(dtype)
+        h = torch.tanh(Wx.sum(2) + torch.einsum("ghdp->hd", R) + b.sum(0))  # B x T x K x H/K
+        return torch.stack([h, h]), None
+
+    cands = benchmark.cuda_candidates(16, 4, x, gy, flashrnn)
+    assert [c["path"] for c in cands] == ["triton", "triton-graph", "torch-ops", "flashrnn"]
+    for c in cands:
+        if c["path"] != "triton-graph":
+            for fn in c["make"]().values():
+                fn()
+    assert len(calls) == 2
+    rows = [{"hidden": 16, "dtype": "float32", "seq_len": 3, "batch": 2, "K": k, "path": p,
+             "fwd_bwd_tok_s": 1e3 * (k or 1)} for k, p in [(None, "cudnn"), (2, "triton"), (4, "triton"), (4, "flashrnn")]]
+    benchmark.plot_cuda(rows, str(tmp_path / "bench.png"))
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA GPU on this machine"):
+            benchmark.main(["--device", "cuda"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU says")
+def test_gpu_check_script_says_it_needs_a_gpu():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = subprocess.run(["bash", "scripts/gpu-check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})  # fmt: skip
+    assert run.returncode == 1 and "no CUDA GPU here" in run.stderr and "Nothing was run" in run.stderr
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+
+CUDA_CASES = [(1, False)] + [(K, s) for K in (2, 4, 16) for s in (False, True)]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("K,shuffle", CUDA_CASES)
+def test_cuda_layer_matches_pytorch_step(K, shuffle, dtype):
+    """The compiled kernels (``auto`` on CUDA) against TorchStep in float64 on the CPU, at sizes of several
+    tiles (H = 256, B = 37 rows: a partial row tile), padding and recurrent dropout, every gradient."""
+    tensors, lengths, rmask = layer_case(9, 37, 128, 256, K, dtype=dtype, device="cuda", padded=True, dropout=True)
+    got = run_layer("auto", tensors, shuffle, lengths, rmask)
+    want = run_layer("torch", [t.double().cpu() for t in tensors], shuffle, lengths.cpu(), rmask.double().cpu())
+    tol = 1e-5 if dtype == torch.float32 else HALF_TOL[dtype]
+    assert_close(got, want, tol, relative=True)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "fp16"])
+def test_cuda_module_and_cell(dtype):
+    """A two-layer bidirectional GroupLSTM and two GroupLSTMCell steps on CUDA (auto: Triton) against float64
+    on the CPU: outputs and every gradient."""
+    torch.manual_seed(0)
+    module = GroupLSTM(64, 128, num_layers=2, groups=4, bidirectional=True).eval().double()
+    cell = GroupLSTMCell(64, 128, groups=4).double()
+    x, lengths = torch.randn(7, 19, 64, dtype=torch.float64), torch.randint(1, 8, (19,))
+    lengths[0] = 7
+
+    def run(m, c, device, dt):
+        m, c = m.to(device=device, dtype=dt), c.to(device=device, dtype=dt)
+        m.zero_grad(set_to_none=True)
+        c.zero_grad(set_to_none=True)
+        xs = x.to(device=device, dtype=dt).requires_grad_(True)
+        y, (h, cn) = m(xs, lengths=lengths.to(device))
+        h1, c1 = c(xs[0], None)
+        h2, c2 = c(xs[1], (h1, c1))
+        loss = y.float().sum() + (h.float() ** 2).sum() + cn.float().sum() + h2.float().sum() + (c2.float() ** 2).sum()
+        loss.backward()
+        return [y, h, cn, h2, c2, xs.grad] + [p.grad for p in m.parameters()] + [p.grad for p in c.parameters()]
+
+    want = run(module, cell, "cpu", torch.float64)
+    got = run(module, cell, "cuda", dtype)
+    assert_close(got, want, 1e-5 if dtype == torch.float32 else 2 * HALF_TOL[dtype], relative=True)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_kernels_run_and_graph_capture(launches):
+    """auto on CUDA runs every step on the kernels; a layer's forward and backward captured as a CUDA graph
+    replay to the eager results (the benchmark's "graph" rows time such replays)."""
+    tensors, _, _ = layer_case(6, 64, 64, 128, 4, dtype=torch.bfloat16, device="cuda")
+    inputs = [t.clone().requires_grad_(True) for t in tensors]
+    gy = torch.randn(6, 64, 128, device="cuda", dtype=torch.bfloat16)
+
+    def fwd_bwd():
+        out, _, _ = fused_group_lstm_direction(*inputs, True)
+        return torch.autograd.grad(out, inputs, gy)
+
+    eager = fwd_bwd()
+    assert launches == {"forward": 6, "backward": 7}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fwd_bwd()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fwd_bwd()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(list(captured), list(eager), 1e-6, relative=True)
