@@ -14,16 +14,19 @@ fairseq handles; it only changes what happens where fairseq would crash or corru
 * ``Trainer.__init__`` checks the precision flags first: ``--fp16`` without a CUDA GPU and ``--tpu`` (which
   fairseq's command line turns on with ``--bf16``) without torch_xla raise a ValueError naming the flag, before
   fairseq fails inside torch.cuda or torch_xla.
+* ``options.parse_args_and_arch``: on a CUDA machine without torch_xla, ``--bf16`` (without ``--tpu``) trains in
+  bfloat16 on the GPU instead of turning on ``--tpu``.
 """
 
 import functools
 import os
 import pickle
+import sys
 import zipfile
 from typing import Optional
 
 import torch
-from fairseq import checkpoint_utils
+from fairseq import checkpoint_utils, options
 from fairseq.file_io import PathManager
 from fairseq.trainer import Trainer
 
@@ -127,8 +130,8 @@ def check_precision_flags(cfg) -> None:
         flag = "--bf16" if common.bf16 else "--tpu"
         raise ConfigError(
             f"{flag}: fairseq's command line turns on --tpu with --bf16 and --memory-efficient-bf16, and TPU "
-            f"training needs torch_xla, which is not installed. On a CUDA GPU use --fp16 or --amp; on a CPU "
-            f"train in float32 (drop {flag})."
+            f"training needs torch_xla, which is not installed. On a CUDA GPU --bf16 trains in bfloat16; on a "
+            f"CPU train in float32 (drop {flag})."
         )
     cuda = torch.cuda.is_available() and not common.cpu
     if common.fp16 and not common.memory_efficient_fp16 and not common.tpu and not cuda:
@@ -137,6 +140,23 @@ def check_precision_flags(cfg) -> None:
             f"--fp16 needs a CUDA GPU ({where}): fairseq's FP16 optimizer keeps its loss scale on the GPU. "
             f"Drop --fp16 to train in float32 on this machine."
         )
+
+
+def _bf16_on_gpu(parse):
+    """fairseq 0.12's ``parse_args_and_arch`` turns on ``--tpu`` with ``--bf16``; on a CUDA machine without
+    torch_xla (no TPU to mean), ``--bf16`` then means bfloat16 on the GPU, as in later fairseq versions."""
+
+    @functools.wraps(parse)
+    def parse_args_and_arch(*args, **kwargs):
+        parsed = parse(*args, **kwargs)
+        asked_tpu = "--tpu" in (kwargs.get("input_args") or (args[1] if len(args) > 1 and args[1] else sys.argv))
+        if getattr(parsed, "bf16", False) and getattr(parsed, "tpu", False) and not asked_tpu:
+            if torch.cuda.is_available() and not getattr(parsed, "cpu", False) and not _has_torch_xla():
+                parsed.tpu = False
+        return parsed
+
+    parse_args_and_arch.grnn_checked = True
+    return parse_args_and_arch
 
 
 def _checked_trainer_init(init):
@@ -157,6 +177,8 @@ def install() -> None:
         PathManager.copy = staticmethod(_atomic_pt_copy(PathManager.copy))
     if not getattr(Trainer.__init__, "grnn_checked", False):
         Trainer.__init__ = _checked_trainer_init(Trainer.__init__)
+    if not getattr(options.parse_args_and_arch, "grnn_checked", False):
+        options.parse_args_and_arch = _bf16_on_gpu(options.parse_args_and_arch)
     install_cli_errors()
 
 

@@ -221,3 +221,21 @@ def test_autocast_bfloat16_trains_on_the_autograd_path(hub, reversal_model):
     assert loss16 == pytest.approx(loss32, rel=0.02)
     cosine = torch.nn.functional.cosine_similarity(grad16, grad32, dim=0)
     assert torch.isfinite(grad16).all() and cosine > 0.99
+
+
+def test_bf16_means_bfloat16_on_a_cuda_machine(monkeypatch):
+    """fairseq 0.12 turns on --tpu with --bf16; with CUDA and without torch_xla the plugin's parse keeps the GPU
+    (without CUDA, or with --tpu asked for, fairseq's meaning stays)."""
+    from fairseq import options
+
+    def parse(*flags):
+        return options.parse_args_and_arch(options.get_training_parser(), input_args=[
+            "data", "--user-dir", USER_DIR, "--task", "translation", "--arch", "group_rnnsearch_iwslt", *flags])  # fmt: skip
+
+    assert getattr(options.parse_args_and_arch, "grnn_checked", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse("--bf16").tpu is False
+    assert parse("--bf16", "--tpu").tpu is True
+    assert parse("--bf16", "--cpu").tpu is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse("--bf16").tpu is True
