@@ -38,6 +38,24 @@
 #define MULTIVERSION
 #endif
 
+/* The threads a step of `units` units (K*B*Hk) is split over: at most nthreads, each with at least
+ * MIN_UNITS_PER_THREAD units, at least one. */
+static int64_t step_threads(int64_t nthreads, int64_t units) {
+    if (nthreads > units / MIN_UNITS_PER_THREAD) nthreads = units / MIN_UNITS_PER_THREAD;
+    return nthreads > 1 ? nthreads : 1;
+}
+
+/* Inside a parallel region: this thread's share [begin, end) of `rows` rows (all of them without OpenMP). */
+static void thread_rows(int64_t rows, int64_t *begin, int64_t *end) {
+    int64_t n = 1, id = 0;
+#ifdef _OPENMP
+    n = omp_get_num_threads();
+    id = omp_get_thread_num();
+#endif
+    *begin = rows * id / n;
+    *end = rows * (id + 1) / n;
+}
+
 /* e^x in float32 within 2 ulp on [-87, 88] (Cody-Waite reduction, Cephes' expf polynomial); branch free so
  * that the compiler vectorizes the loops that call it. */
 static inline float exp_f32(float x) {
@@ -135,22 +153,19 @@ int64_t grnn_lstm_forward_step(int64_t K, int64_t B, int64_t Hk, int64_t shuffle
                             const float *const *x, int64_t x_off, int64_t z_ld, const float *c_prev, float *c_next,
                             int64_t c_gs, float *r_next, int64_t r_gs, float *q, int64_t q_gs, float *qc, float *fs,
                             int64_t s_gs, float *out, int64_t nthreads) {
-    const int64_t rows = K * B;
+    const int64_t rows = K * B, threads = step_threads(nthreads, rows * Hk);
     int64_t failed = 0;
-    if (nthreads > rows * Hk / MIN_UNITS_PER_THREAD) nthreads = rows * Hk / MIN_UNITS_PER_THREAD;
-#pragma omp parallel num_threads(nthreads > 1 ? nthreads : 1) if (nthreads > 1)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int64_t n = 1, id = 0;
-#ifdef _OPENMP
-        n = omp_get_num_threads();
-        id = omp_get_thread_num();
-#endif
-        float *h = malloc((size_t)Hk * sizeof(float));
-        if (!h) {
+        int64_t begin, end;
+        thread_rows(rows, &begin, &end);
+        float *h = malloc((size_t)Hk * sizeof(float)); /* scratch row: h of one (k, b) */
+        if (h) forward_rows(begin, end, K, B, Hk, shuffle, z, x, x_off, z_ld, c_prev, c_next, c_gs, r_next, r_gs,
+                            q, q_gs, qc, fs, s_gs, out, h);
+        else {
 #pragma omp atomic write
             failed = 1;
-        } else forward_rows(rows * id / n, rows * (id + 1) / n, K, B, Hk, shuffle, z, x, x_off, z_ld, c_prev,
-                            c_next, c_gs, r_next, r_gs, q, q_gs, qc, fs, s_gs, out, h);
+        }
         free(h);
     }
     return failed ? -1 : 0; /* -1: out of memory for a scratch row */
@@ -227,22 +242,19 @@ int64_t grnn_lstm_backward_step(int64_t K, int64_t B, int64_t Hk, int64_t shuffl
                              int64_t dy_ld, const float *const *dr, const float *rm, const float *dh_add,
                              const float *q, int64_t q_gs, const float *qc, const float *fs, int64_t s_gs, float *dc,
                              float *dg, int64_t dg_gs, int64_t nthreads) {
-    const int64_t rows = K * B;
+    const int64_t rows = K * B, threads = step_threads(nthreads, rows * Hk);
     int64_t failed = 0;
-    if (nthreads > rows * Hk / MIN_UNITS_PER_THREAD) nthreads = rows * Hk / MIN_UNITS_PER_THREAD;
-#pragma omp parallel num_threads(nthreads > 1 ? nthreads : 1) if (nthreads > 1)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int64_t n = 1, id = 0;
-#ifdef _OPENMP
-        n = omp_get_num_threads();
-        id = omp_get_thread_num();
-#endif
-        float *dh = malloc((size_t)Hk * sizeof(float));
-        if (!dh) {
+        int64_t begin, end;
+        thread_rows(rows, &begin, &end);
+        float *dh = malloc((size_t)Hk * sizeof(float)); /* scratch row: dh of one (k, b) */
+        if (dh) backward_rows(begin, end, K, B, Hk, shuffle, dy, dy_gs, dy_ld, dr, rm, dh_add, q, q_gs, qc, fs,
+                              s_gs, dc, dg, dg_gs, dh);
+        else {
 #pragma omp atomic write
             failed = 1;
-        } else backward_rows(rows * id / n, rows * (id + 1) / n, K, B, Hk, shuffle, dy, dy_gs, dy_ld, dr, rm,
-                              dh_add, q, q_gs, qc, fs, s_gs, dc, dg, dg_gs, dh);
+        }
         free(dh);
     }
     return failed ? -1 : 0; /* -1: out of memory for a scratch row */

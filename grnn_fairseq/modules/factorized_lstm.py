@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from .dropout import dropout_mask
 from .functional import channel_shuffle, check_divisible, from_group_major, shuffle_permutation, to_group_major
 from .group_lstm import GroupLSTM
 from .stack import RecurrentStack, reference_stack
@@ -145,7 +144,6 @@ class FactorizedLSTM(RecurrentStack):
         self.rank = rank
         self.bias = bias
         self.shuffle_time = shuffle_time
-        self.recurrent_dropout = recurrent_dropout
         K, H, R = groups, hidden_size, rank
         for layer in range(num_layers):
             self.register_layer(layer, {
@@ -177,11 +175,7 @@ class FactorizedLSTM(RecurrentStack):
                                                                ("recurrent_dropout", 0.0)]  # fmt: skip
 
     def run_direction(self, x, state, weights, layer, direction, mask):
-        h0, c0 = state
-        rmask = None
-        if self.training and self.recurrent_dropout > 0:
-            rmask = dropout_mask(h0, self.recurrent_dropout)  # B x H, one mask per sequence
-        out, h, c = factorized_lstm_direction(x, h0, c0, *weights, self.shuffle_time, mask, rmask)
+        out, h, c = factorized_lstm_direction(x, *state, *weights, self.shuffle_time, mask, self.recurrent_mask(state[0]))
         return out, (h, c)
 
     @torch.no_grad()

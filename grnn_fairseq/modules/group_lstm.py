@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend
-from .dropout import dropout_mask
 from .functional import (
     channel_shuffle,
     check_divisible,
@@ -235,7 +234,6 @@ class GroupLSTM(RecurrentStack):
                          variational, residual, recurrent_dropout=recurrent_dropout)  # fmt: skip
         self.bias = bias
         self.shuffle_time = shuffle_time
-        self.recurrent_dropout = recurrent_dropout
         K, H = groups, hidden_size
         for layer in range(num_layers):
             gates = (K, 4 * H // K)
@@ -254,11 +252,7 @@ class GroupLSTM(RecurrentStack):
         return super()._repr_settings() + [("bias", True), ("shuffle_time", True), ("recurrent_dropout", 0.0)]
 
     def run_direction(self, x, state, weights, layer, direction, mask):
-        h0, c0 = state
-        rmask = None
-        if self.training and self.recurrent_dropout > 0:
-            rmask = dropout_mask(h0, self.recurrent_dropout)  # B x H, one mask per sequence
-        out, h, c = group_lstm_direction(x, h0, c0, *weights, self.shuffle_time, mask, rmask)
+        out, h, c = group_lstm_direction(x, *state, *weights, self.shuffle_time, mask, self.recurrent_mask(state[0]))
         return out, (h, c)
 
     @torch.no_grad()

@@ -54,6 +54,7 @@ class RecurrentStack(nn.Module):
         self.shuffle_layers = shuffle_layers
         self.variational = variational
         self.residual = residual
+        self.recurrent_dropout = rates.get("recurrent_dropout", 0.0)
 
     def has_residual(self, layer: int) -> bool:
         """Whether layer ``layer`` adds its input to its output (``residual`` and equal widths)."""
@@ -119,6 +120,13 @@ class RecurrentStack(nn.Module):
         if self.shuffle_layers and self.groups > 1:
             x = channel_shuffle(x, self.groups)  # T x B x D*H, K groups
         return x
+
+    def recurrent_mask(self, h0: Tensor) -> Optional[Tensor]:
+        """The dropout mask of h_{t-1} of one layer and direction when training with ``recurrent_dropout``: B x H,
+        one per sequence (Gal and Ghahramani); else None."""
+        if self.training and self.recurrent_dropout > 0:
+            return dropout_mask(h0, self.recurrent_dropout)
+        return None
 
     def run_direction(self, x: Tensor, state: Tuple[Tensor, ...], weights: Tuple[Optional[Tensor], ...], layer: int,
                       direction: int, mask: Optional[Tensor]) -> Tuple[Tensor, Tuple[Tensor, ...]]:  # fmt: skip
