@@ -275,7 +275,8 @@ corpus_stats() {
 # group_rnnsearch with the paper's training recipe (section 4.2): Adadelta, learning rate 1.0,
 # halved when the validation loss does not improve. The caller passes batch size and clipping.
 # Environment: NUM_GROUPS (2), MAX_EPOCH (50), MAX_UPDATE (0: no limit), SEED (1),
-#   OPTIMIZER_FLAGS (replaces the Adadelta flags), EXTRA (more fairseq-train flags, word-split).
+#   OPTIMIZER_FLAGS (replaces the Adadelta flags), SCHEDULER_FLAGS (replaces the halving on plateaus),
+#   CRITERION_FLAGS (default --criterion cross_entropy), EXTRA (more fairseq-train flags, word-split).
 train_seq2seq() {
     local bin="$1" save="$2" src="$3" tgt="$4" arch="$5"
     shift 5
@@ -283,6 +284,8 @@ train_seq2seq() {
     [[ -s "$bin/dict.$src.txt" ]] || die "no binarized data in $bin: run the matching scripts/prepare-*.sh first"
     # rho 0.95, eps 1e-6: Zeiler (2012)'s values (fairseq's default rho is 0.9)
     local optimizer="${OPTIMIZER_FLAGS:---optimizer adadelta --lr 1.0 --adadelta-rho 0.95 --adadelta-eps 1e-6}"
+    local criterion="${CRITERION_FLAGS:---criterion cross_entropy}"
+    local scheduler="${SCHEDULER_FLAGS:---lr-scheduler reduce_lr_on_plateau --lr-shrink 0.5 --stop-min-lr 1e-5}"
     local train
     train="$(fairseq_tool fairseq-train)"
     mkdir -p "$save"
@@ -290,8 +293,7 @@ train_seq2seq() {
     # shellcheck disable=SC2086
     "$train" "$bin" --user-dir "$GRNN_USER_DIR" --task translation --source-lang "$src" --target-lang "$tgt" \
         --arch "$arch" --encoder-groups "$groups" --decoder-groups "$groups" \
-        $optimizer --lr-scheduler reduce_lr_on_plateau --lr-shrink 0.5 --stop-min-lr 1e-5 \
-        --criterion cross_entropy --required-batch-size-multiple 1 \
+        $optimizer $scheduler $criterion --required-batch-size-multiple 1 \
         --max-epoch "${MAX_EPOCH:-50}" --max-update "${MAX_UPDATE:-0}" --seed "${SEED:-1}" \
         --save-dir "$save" --no-epoch-checkpoints --log-format simple --log-interval 100 \
         "$@" ${EXTRA:-}

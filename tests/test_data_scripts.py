@@ -464,7 +464,8 @@ def test_translate_de_en_example_end_to_end(tmp_path):
         pytest.skip(f"fairseq is not installed beside {sys.executable}")
     dic = tmp_path / "de-en"
     make_ding(dic)
-    example_vars = ("NUM_GROUPS", "MAX_UPDATE", "MAX_EPOCH", "OPTIMIZER_FLAGS", "MODEL_FLAGS", "EXTRA", "SENTENCE")
+    example_vars = ("NUM_GROUPS", "MAX_UPDATE", "MAX_EPOCH", "OPTIMIZER_FLAGS", "SCHEDULER_FLAGS", "CRITERION_FLAGS",
+                    "MODEL_FLAGS", "EXTRA", "SENTENCE")
     full = {k: v for k, v in os.environ.items() if k not in _SCRIPT_VARS + example_vars}
     full.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable, OMP_NUM_THREADS="1",
                 WORKERS="1", PYTHONHASHSEED="0", DING_FILE=str(dic), VALID_SIZE="4", TEST_SIZE="4", BPE_MERGES="50",
@@ -481,4 +482,5 @@ def test_translate_de_en_example_end_to_end(tmp_path):
 
     model = torch.load(tmp_path / "ckpt" / "checkpoint_best.pt", weights_only=False)["cfg"]["model"]
     assert model.arch == "group_rnnsearch_iwslt" and model.encoder_groups == 2  # the defaults reached training
-    assert model.share_all_embeddings and model.decoder_dropout_out == 0.2
+    assert model.decoder_residual and model.decoder_hidden_size == 512 and model.lr_scheduler == "fixed"
+    assert model.criterion == "label_smoothed_cross_entropy" and model.label_smoothing == 0.1

@@ -60,6 +60,8 @@ def tiny(groups, attention="bahdanau", *flags):
 
 # the related designs as flags; tiny()'s layers are 8 and 16 wide, so rank 8 divides into 4 groups
 DESIGNS = {"lstm": [], "sru": ["--cell", "sru"], "flstm": ["--factorize-rank", "8"]}
+# the translation recipe's decoder: residual connections above the first layer (upper layers as wide as it)
+RESIDUAL = ["--decoder-residual", "--decoder-hidden-size", "16"]
 
 
 def left_padded_batch(lengths, pad=1, eos=2, seed=0):
@@ -78,11 +80,11 @@ def log_probs(model, src, lengths, prev):
     return model.get_normalized_probs((logits, attn), log_probs=True), attn
 
 
-@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("design", [*DESIGNS, "residual"])
 @pytest.mark.parametrize("attention", ["bahdanau", "luong"])
 @pytest.mark.parametrize("groups", [1, 4])
 def test_incremental_decoding_equals_full_forward(groups, attention, design):
-    model = tiny(groups, attention, *DESIGNS[design])
+    model = tiny(groups, attention, *(RESIDUAL if design == "residual" else DESIGNS[design]))
     src, lengths = left_padded_batch([5, 3, 4])
     prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)  # B x T, starts with eos
     full, full_attn = log_probs(model, src, lengths, prev)
