@@ -93,6 +93,45 @@ def recurrent_params(checkpoint: str, data_bin: str) -> int:
     return sum(p.numel() for m in models[0].modules() if isinstance(m, layers) for p in m.parameters(recurse=False))
 
 
+def source_use(checkpoint: str, data_bin: str):
+    """How much the model uses its source, on the valid set with teacher forcing: the loss (bits per target token)
+    with the true sources, the loss with every batch's targets rotated by one sentence (each target with another
+    sentence's source: what a model that ignores its source does not notice; sources keep their order, which
+    fairseq's LSTM needs), and the mean over target tokens of the largest attention weight (None for models that
+    return no attention)."""
+    import torch
+    from fairseq import checkpoint_utils
+
+    import grnn_fairseq  # noqa: F401
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [checkpoint], arg_overrides={"data": os.path.abspath(data_bin)})  # fmt: skip
+    model = models[0].eval()
+    task.load_dataset("valid")
+    itr = task.get_batch_iterator(task.dataset("valid"), max_sentences=64).next_epoch_itr(shuffle=False)
+    totals = {"loss": 0.0, "loss_other_source": 0.0, "peak": 0.0}
+    tokens, has_attention = 0, True
+    with torch.no_grad():
+        for sample in itr:
+            net = sample["net_input"]
+            for key, shift in (("loss", 0), ("loss_other_source", 1)):
+                target = sample["target"].roll(shift, 0)  # B x T
+                keep = target.ne(task.target_dictionary.pad())
+                logits, extra = model(net["src_tokens"], net["src_lengths"], net["prev_output_tokens"].roll(shift, 0))
+                lprobs = model.get_normalized_probs((logits, extra), log_probs=True)  # B x T x V
+                totals[key] -= lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[keep].sum().item()
+                if key == "loss":
+                    attn = extra["attn"][0] if isinstance(extra, dict) else extra  # B x T x S
+                    if attn is None:
+                        has_attention = False
+                    else:
+                        totals["peak"] += attn.float().max(-1).values[keep].sum().item()
+            tokens += keep.sum().item()
+    bits = 1 / (tokens * 0.6931471805599453)
+    return {"valid_bits": totals["loss"] * bits, "valid_bits_other_source": totals["loss_other_source"] * bits,
+            "attention_peak": totals["peak"] / tokens if has_attention else None}  # fmt: skip
+
+
 def decode(save, data):
     """Beam 5 on the test set; writes save/test.hyp (tokenized, BPE removed, in corpus order) and test.detok."""
     out = run([os.path.join(BIN, "fairseq-generate"), os.path.join(data, "data-bin"), "--user-dir", USER_DIR,
@@ -137,16 +176,19 @@ def write_report(rows, bootstrap_text, out, args):
     with open(out + ".json", "w") as f:
         json.dump({"args": vars(args), "recipe": RECIPE, "rows": rows, "paired_bootstrap": bootstrap_text}, f, indent=1)
     lines = [
-        "| model | recurrent params | all params | train words/s | valid loss (base 2), every epoch | "
-        "tokenized BLEU | sacreBLEU (95% CI) | p vs baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | recurrent params | all params | train words/s | valid loss (label-smoothed, base 2), every "
+        "epoch | valid NLL: own / other sources (bits) | attention peak | tokenized BLEU | sacreBLEU (95% CI) | "
+        "p vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         valid = " ".join(f"{v:.2f}" for v in r["valid_loss_per_epoch"])
         p = "baseline" if r["p"] is None else f"{r['p']:.4f}"
+        peak = "-" if r["attention_peak"] is None else f"{r['attention_peak']:.2f}"
         lines.append(f"| {r['model']} | {r['recurrent_params'] / 1e6:.2f}M | {r['params'] / 1e6:.2f}M | "
-                     f"{r['wps']:.0f} | {valid} | {r['tokenized_bleu']:.2f} | {r['bleu']:.2f} "
-                     f"({r['bleu_mean']:.2f} ± {r['bleu_ci']:.2f}) | {p} |")  # fmt: skip
+                     f"{r['wps']:.0f} | {valid} | {r['valid_bits']:.2f} / {r['valid_bits_other_source']:.2f} | "
+                     f"{peak} | {r['tokenized_bleu']:.2f} | {r['bleu']:.2f} ({r['bleu_mean']:.2f} ± "
+                     f"{r['bleu_ci']:.2f}) | {p} |")  # fmt: skip
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + f"\n\nsacreBLEU and its paired bootstrap test: `sacrebleu {bootstrap_text}`\n")
     print("\n".join(lines))
@@ -172,6 +214,7 @@ def main(argv=None):
         result["recurrent_params"] = recurrent_params(os.path.join(save, "checkpoint_best.pt"),
                                                       os.path.join(args.data, "data-bin"))  # fmt: skip
         result["tokenized_bleu"] = tokenized_bleu(save, args.data)
+        result.update(source_use(os.path.join(save, "checkpoint_best.pt"), os.path.join(args.data, "data-bin")))
         rows.append({"model": model, **result})
         saves.append(save)
     text, scores = paired_bootstrap(saves, args.data, args.bootstrap_samples)
