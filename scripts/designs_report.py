@@ -9,7 +9,7 @@ Writes a markdown table (recurrent and all parameters, training words per second
 loss, test perplexity or BLEU) and the same as JSON:
 
     python scripts/designs_report.py [--updates-lm 1500] [--updates-nmt 1800] [--rows lstm sru ...]
-                                     [--skip-nmt] [--out docs/designs]
+                                     [--skip-nmt] [--out docs/designs-report]
 
 A row is one entry of LM_ROWS or NMT_ROWS: a name, a label and its fairseq-train flags (and its task, when it
 needs another one). A row whose flags or task this checkout does not know (a design that another branch adds)
@@ -171,7 +171,7 @@ def main(argv=None):
     p.add_argument("--validate-every", default="500")
     p.add_argument("--rows", nargs="+", help="only the rows with these names (default: all)")
     p.add_argument("--save-root", default="checkpoints/designs")
-    p.add_argument("--out", default="docs/designs")
+    p.add_argument("--out", default="docs/designs-report")
     p.add_argument("--skip-lm", action="store_true")
     p.add_argument("--skip-nmt", action="store_true")
     args = p.parse_args(argv)
