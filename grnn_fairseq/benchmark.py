@@ -18,8 +18,10 @@ gradients):
 * ``cudnn``: ``nn.LSTM(H, H)``, cuDNN's LSTM, the baseline of the ratios;
 * ``triton``: the fused group LSTM on the Triton step, shuffle on, at every K (K = 1 included, where the
   layer itself runs cuDNN);
-* ``triton-graph``: the same call captured once as a CUDA graph and replayed (what capturing a layer's time
-  loop could save: launch latency and Python overhead);
+* ``loop-graphs``: the same call with the backend's ``cuda_graphs`` on: the layer replays its forward and
+  backward time loops as CUDA graphs of its own (``triton_step.LoopGraphs``: inputs copied in, results out);
+* ``triton-graph``: the whole call (input projections, loops, weight gradients) captured once by the benchmark
+  as a CUDA graph and replayed: the bound of what graphs can save (launch latency and Python overhead);
 * ``torch-ops``: the fused path on PyTorch operations per step (``--grnn-step torch``; float16/bfloat16 in
   float32, as the layer dispatch runs them there);
 * ``flashrnn``: FlashRNN's Triton LSTM (NX-AI, ``pip install flashrnn``) with K heads of H/K, when importable,
@@ -341,6 +343,10 @@ def cuda_candidates(
         with backend.use(step="triton"):
             return fused_group_lstm_direction(x, h0, h0, *weights, True, aten_at_one_group=False)[0]
 
+    def loop_graphs_call():  # the layer's own CUDA graphs of its time loops (backend cuda_graphs)
+        with backend.use(step="triton", cuda_graphs=True):
+            return fused_group_lstm_direction(x, h0, h0, *weights, True, aten_at_one_group=False)[0]
+
     def torch_ops_call():  # the dispatch's float32 up-cast for half inputs on a non-Triton step
         up = [v.float() for v in [x, h0] + weights]
         with backend.use(step="torch"):
@@ -352,6 +358,8 @@ def cuda_candidates(
               "make": lambda: layer_steps(triton_call, inputs, gy)},
              {"name": name, "K": K, "path": "triton-graph", "params": params,
               "make": lambda: {m: graphed(f) for m, f in layer_steps(triton_call, inputs, gy).items()}},
+             {"name": name, "K": K, "path": "loop-graphs", "params": params,
+              "make": lambda: layer_steps(loop_graphs_call, inputs, gy)},
              {"name": name, "K": K, "path": "torch-ops", "params": params,
               "make": lambda: layer_steps(torch_ops_call, inputs, gy)}]  # fmt: skip
     if flashrnn is not None:
@@ -408,6 +416,7 @@ def bench_cuda_config(H, groups, T, B, dtype_name, repeats, warmup, device, flas
     x = torch.randn(T, B, H, device=device).to(dt).requires_grad_(True)  # T x B x H
     gy = torch.randn(T, B, H, device=device).to(dt)
     lstm = nn.LSTM(H, H).to(device=device, dtype=dt)
+    lstm.flatten_parameters()  # cuDNN's one weight buffer (else it compacts the weights on every call)
     lstm_inputs = [x] + list(lstm.parameters())
     cands = [{"name": "nn.LSTM", "K": None, "path": "cudnn", "params": sum(p.numel() for p in lstm.parameters()),
               "make": lambda: layer_steps(lambda: lstm(x)[0], lstm_inputs, gy)}]  # fmt: skip
@@ -416,6 +425,20 @@ def bench_cuda_config(H, groups, T, B, dtype_name, repeats, warmup, device, flas
             print(f"skipping K={K}: does not divide hidden {H} and H/K (the shuffle)")
             continue
         cands.extend(cuda_candidates(H, K, x, gy, flashrnn, flashrnn_max_head))
+    cands.sort(key=lambda c: c["path"] == "flashrnn")  # another library's kernels last: an error there is theirs
+
+    def failed(c, e):  # the row records why this candidate has no time; the others go on
+        lines = [v.strip() for v in str(e).splitlines() if v.strip()]
+        message = lines[0] if lines else ""
+        if len(lines) > 1:  # a compiler's message starts with the place and ends with the cause
+            message += " ... " + lines[-1]
+        c["error"] = f"{type(e).__name__}: {message}"[:400]
+        c["steps"] = None
+        try:
+            torch.cuda.synchronize(device)
+        except RuntimeError:  # a sticky CUDA error: this process can time nothing more
+            raise SystemExit(f"{c['name']} ({c['path']}) left the GPU in an error state: {c['error']}") from e
+
     for c in cands:
         c["times"] = {"fwd": [], "fwd_bwd": []}
         try:
@@ -424,15 +447,16 @@ def bench_cuda_config(H, groups, T, B, dtype_name, repeats, warmup, device, flas
                 for fn in c["steps"].values():
                     fn()
             torch.cuda.synchronize(device)
-        except Exception as e:  # noqa: BLE001  (the row records why this candidate has no time)
-            c["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            c["steps"] = None
-            torch.cuda.synchronize(device)
+        except Exception as e:  # noqa: BLE001
+            failed(c, e)
     for _ in range(repeats):
         for c in cands:  # interleaved: every round times every candidate once
             if c["steps"] is not None:
-                for mode, fn in c["steps"].items():
-                    c["times"][mode].append(time_cuda(fn))
+                try:
+                    for mode, fn in c["steps"].items():
+                        c["times"][mode].append(time_cuda(fn))
+                except Exception as e:  # noqa: BLE001
+                    failed(c, e)
     rows = []
     for c in cands:
         row = {"hidden": H, "seq_len": T, "batch": B, "dtype": dtype_name, "name": c["name"], "K": c["K"],
@@ -482,7 +506,7 @@ def plot_cuda(results: List[dict], path: str) -> None:
     sizes = sorted({r["hidden"] for r in results})
     dtypes = sorted({r["dtype"] for r in results})
     fig, axes = plt.subplots(len(dtypes), len(sizes), figsize=(5 * len(sizes), 3.8 * len(dtypes)), squeeze=False)
-    styles = {"triton": "o-", "triton-graph": "s-", "torch-ops": "x--", "flashrnn": "^:"}
+    styles = {"triton": "o-", "loop-graphs": "d-", "triton-graph": "s-", "torch-ops": "x--", "flashrnn": "^:"}
     for (i, dt), (j, H) in itertools.product(enumerate(dtypes), enumerate(sizes)):
         ax = axes[i][j]
         rows = [r for r in results if (r["hidden"], r["dtype"], r["seq_len"], r["batch"]) == (H, dt, T, B)]
@@ -500,6 +524,7 @@ def plot_cuda(results: List[dict], path: str) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def import_flashrnn():
@@ -536,13 +561,13 @@ def main_cuda(args) -> List[dict]:
         results.extend(rows)
         if args.json:  # after every configuration: a run stopped from outside keeps what it measured
             write_cuda_json(args, device, flashrnn, results, skipped, grid[n + 1 :], time.perf_counter() - start)
+        if args.png:
+            plot_cuda(results, args.png)
     if skipped:
         print(f"\n--max-minutes {args.max_minutes}: {len(skipped)} configurations not timed: "
               + ", ".join(f"H={c['hidden']} T={c['seq_len']} B={c['batch']} {c['dtype']}" for c in skipped))
     if args.json:
         write_cuda_json(args, device, flashrnn, results, skipped, [], time.perf_counter() - start)
-    if args.png and results:
-        plot_cuda(results, args.png)
     return results
 
 

@@ -2,18 +2,21 @@
 # The GPU checks of the Triton step in one run, sized for a fresh H100/H200 machine (under 9 minutes):
 #
 #   1. the CUDA parity tests: pytest -m cuda on the test files that hold them
-#   2. python -m grnn_fairseq.benchmark --device cuda: Triton, its CUDA-graph replay, the PyTorch-ops step,
-#      cuDNN's nn.LSTM and FlashRNN (when its wheel is here) over the default grid, CUDA events, JSON and PNG;
-#      the issue's target configuration (hidden 1024, bfloat16, T 35, B 64) first, FlashRNN there only (its
-#      kernels compile for every size), the configurations the time budget leaves out listed in the JSON
-#   3. UPDATES (200) updates of fairseq-train --bf16 on Ding De-En: group_rnnsearch_iwslt with 4 groups against
-#      fairseq's lstm_wiseman_iwslt_de_en (the sizes of scripts/benchmark_models.py, decoder 512), words per
-#      second, one run each (fairseq 0.12 reads --bf16 as --tpu; the plugin keeps it on the GPU where there is
-#      no torch_xla: grnn_fairseq/safeguards.py).
+#   2. python -m grnn_fairseq.benchmark --device cuda: Triton eager and with its loop graphs (--grnn-cuda-graphs),
+#      the whole call captured as a CUDA graph, the PyTorch-ops step, cuDNN's nn.LSTM and FlashRNN (when its
+#      wheel is here) over the default grid, CUDA events, JSON and PNG; the issue's target configuration
+#      (hidden 1024, bfloat16, T 35, B 64) first, FlashRNN there only, the configurations the time budget leaves
+#      out listed in the JSON
+#   3. UPDATES (200) updates of fairseq-train --bf16 on Ding De-En: fairseq's lstm_wiseman_iwslt_de_en (the sizes
+#      of scripts/benchmark_models.py, decoder 512), group_rnnsearch_iwslt with 4 groups, and the same with
+#      --grnn-cuda-graphs, words per second, one run each (fairseq 0.12 reads --bf16 as --tpu; the plugin keeps
+#      it on the GPU where there is no torch_xla: grnn_fairseq/safeguards.py). fairseq needs numpy < 2: where
+#      the machine's compiled packages refuse numpy 1, its numpy 2 runs with numpy.compat.long put back.
 #
-# What it writes lands in $OUT (default ./gpu-check-out), 7 files: gpu-check.log (all output), pytest-cuda.xml,
-# bench-cuda.json, bench-cuda.png, train-lstm.log, train-group4.log, summary.json; a short summary is printed
-# last. Every stage runs whatever the stages before it gave; the exit status is 1 if any of them failed.
+# What it writes lands in $OUT (default ./gpu-check-out), 8 files: gpu-check.log (all output), pytest-cuda.xml,
+# bench-cuda.json, bench-cuda.png, train-lstm.log, train-group4.log, train-group4-graphs.log, summary.json; a
+# short summary is printed last. Every stage runs whatever the stages before it gave; the exit status is 1 if
+# any of them failed.
 #
 # Usage:
 #   bash scripts/gpu-check.sh --prepare   with internet, once: the Python 3.12 x86-64 wheels the GPU machine
@@ -26,12 +29,12 @@
 # its own environment with this checkout on PYTHONPATH (FlashRNN's wheel added for the benchmark), fairseq-train
 # with the other wheels in front (fairseq needs numpy < 2). Without a CUDA GPU it says so and runs nothing.
 #
-# Time: every stage's timeout fits in BUDGET seconds from the start: the tests up to 150 s, the benchmark up to
-# 220 s (no configuration started in its last 45 s; its JSON is written after every configuration), each
-# training run up to 110 s.
+# Time: every stage's timeout fits in BUDGET seconds from the start: the tests up to 120 s, the benchmark up to
+# 220 s (no configuration started in its last 90 s, since the first ones compile Triton's kernels; its JSON
+# and PNG are written after every configuration), each training run up to 80 s.
 #
-# Environment: PYTHON (python3), OUT, DATA (data/ding-de-en/data-bin), WHEELS (.whl), BUDGET (520),
-#   BENCH_REPEATS (10), UPDATES (200)
+# Environment: PYTHON (python3), OUT, DATA (data/ding-de-en/data-bin), WHEELS (.whl), BUDGET (500),
+#   BENCH_REPEATS (10), UPDATES (200), STAGES (tests benchmark train: the stages to run)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,10 +43,13 @@ PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-$ROOT/gpu-check-out}"
 DATA="${DATA:-data/ding-de-en/data-bin}"
 WHEELS="${WHEELS:-.whl}"
-BUDGET="${BUDGET:-520}"
+BUDGET="${BUDGET:-500}"
 BENCH_REPEATS="${BENCH_REPEATS:-10}"
 UPDATES="${UPDATES:-200}"
-SITE=/tmp/gpu-check-site  # fairseq and numpy < 2, for the training runs
+STAGES="${STAGES:-tests benchmark train}"
+SITE=/tmp/gpu-check-site  # fairseq and its needs, for the training runs
+NUMPY1=/tmp/gpu-check-numpy1  # numpy < 2 for fairseq 0.12 (numpy.compat)
+SHIM=/tmp/gpu-check-shim  # else: the machine's numpy with numpy.compat.long put back (sitecustomize.py)
 FLASH=/tmp/gpu-check-flash  # FlashRNN, for the benchmark
 
 log() { echo "[gpu-check $(date +%H:%M:%S)] $*"; }
@@ -118,7 +124,7 @@ stage() {  # stage NAME COMMAND...: run it, record its exit status and seconds; 
 
 install_wheels() {
     local w fairseq_wheels=()
-    rm -rf "$SITE" "$FLASH"
+    rm -rf "$SITE" "$FLASH" "$NUMPY1"
     if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
         log "no wheels in $WHEELS (bash scripts/gpu-check.sh --prepare): no FlashRNN rows, and fairseq-train" \
             "runs only if the machine has fairseq"
@@ -128,6 +134,8 @@ install_wheels() {
         case "$(basename "$w")" in
             flashrnn-*) "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
                             --target "$FLASH" "$w" ;;
+            numpy-*) "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                         --target "$NUMPY1" "$w" ;;
             *) fairseq_wheels+=("$w") ;;
         esac
     done
@@ -136,10 +144,24 @@ install_wheels() {
     log "installed: $(cd "$WHEELS" && ls -- *.whl | tr '\n' ' ')"
 }
 
+fairseq_path() {  # the PYTHONPATH under which fairseq-train and the plugin import, into FAIRSEQ_PATH
+    local check="import fairseq_cli.train, numpy; import grnn_fairseq.models; print('fairseq imports, numpy', numpy.__version__)"
+    FAIRSEQ_PATH="$NUMPY1:$SITE:$BASE_PATH"
+    env PYTHONPATH="$FAIRSEQ_PATH" "$PYTHON" -c "$check" 2>&1 | tail -n 3 && return 0
+    # The machine's compiled packages (scipy, scikit-learn) may need numpy 2: keep its numpy and give back the
+    # one name fairseq 0.12's translation data reads from numpy 1 (numpy.compat.long).
+    log "fairseq does not import with numpy < 2; trying the machine's numpy with numpy.compat.long"
+    mkdir -p "$SHIM"
+    printf '%s\n' "import types, numpy" "if not hasattr(numpy, 'compat'):" \
+        "    numpy.compat = types.SimpleNamespace(long=numpy.int64)" > "$SHIM/sitecustomize.py"
+    FAIRSEQ_PATH="$SHIM:$SITE:$BASE_PATH"
+    env PYTHONPATH="$FAIRSEQ_PATH" "$PYTHON" -c "$check" 2>&1 | tail -n 3
+}
+
 train() {  # train NAME RESERVE ARCH-FLAGS...: one fairseq-train run, its log in $OUT/train-NAME.log
     local name="$1" reserve="$2"
     shift 2
-    env PYTHONPATH="$SITE:$BASE_PATH" timeout "$(limit 110 "$reserve")" "$PYTHON" -m fairseq_cli.train \
+    env PYTHONPATH="$FAIRSEQ_PATH" timeout "$(limit 80 "$reserve")" "$PYTHON" -m fairseq_cli.train \
         "$DATA" --user-dir "$ROOT/grnn_fairseq" --task translation --bf16 --optimizer adam --lr 0.001 \
         --clip-norm 2.5 --max-tokens 4000 --max-update "$UPDATES" --disable-validation --no-save \
         --log-format simple --log-interval 20 --num-workers 0 --seed 1 --required-batch-size-multiple 1 "$@" \
@@ -149,7 +171,7 @@ train() {  # train NAME RESERVE ARCH-FLAGS...: one fairseq-train run, its log in
 
 summarize() {  # the targets read from the benchmark's JSON and the training logs, into summary.json
     local stages="" name
-    for name in tests benchmark train-lstm train-group4; do
+    for name in tests benchmark train-lstm train-group4 train-group4-graphs; do
         stages+="\"$name\": {\"exit\": \"${RC[$name]:-not run}\", \"seconds\": ${SECONDS_OF[$name]:-0}}, "
     done
     "$PYTHON" - "$OUT" "{${stages%, }}" "$(( $(date +%s) - start ))" <<'EOF'
@@ -177,7 +199,7 @@ try:
 except (OSError, ValueError, KeyError) as e:
     summary["target_config"] = f"no benchmark result: {e!r}"
 wps = {}
-for name in ("lstm", "group4"):
+for name in ("lstm", "group4", "group4-graphs"):
     try:
         with open(os.path.join(out, f"train-{name}.log")) as f:  # mean wps after the first 40 updates
             values = [float(v) for v in re.findall(r"train_inner .*?wps=([\d.]+)", f.read())][2:]
@@ -185,7 +207,8 @@ for name in ("lstm", "group4"):
     except OSError:
         wps[name] = None
 summary["words_per_second"] = wps
-summary["group4_x_lstm"] = wps["group4"] / wps["lstm"] if wps["group4"] and wps["lstm"] else None  # target 1.5
+for name in ("group4", "group4-graphs"):  # target 1.5
+    summary[f"{name}_x_lstm"] = wps[name] / wps["lstm"] if wps[name] and wps["lstm"] else None
 with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
 
@@ -198,13 +221,14 @@ if isinstance(tc, dict):
     print(f"hidden 1024, bfloat16, T 35, B 64, forward+backward: cuDNN {tc['cudnn_ms']} ms; speed over cuDNN:")
     for g in tc["groups"]:
         r = g["x_cudnn"]
-        print(f"  K={g['K']:<3} triton {x(r.get('triton'))} (target {g['target_x_cudnn'] or '-'})  graph "
-              f"{x(r.get('triton-graph'))}  torch-ops {x(r.get('torch-ops'))}  flashrnn {x(r.get('flashrnn'))}  "
-              f"triton over flashrnn {x(g['triton_x_flashrnn'])}")
+        print(f"  K={g['K']:<3} triton {x(r.get('triton'))}  loop-graphs {x(r.get('loop-graphs'))} (target "
+              f"{g['target_x_cudnn'] or '-'})  whole-call graph {x(r.get('triton-graph'))}  torch-ops "
+              f"{x(r.get('torch-ops'))}  flashrnn {x(r.get('flashrnn'))}")
 else:
     print(tc)
 print(f"fairseq-train --bf16 words/s: lstm_wiseman_iwslt_de_en {wps['lstm']}, group_rnnsearch_iwslt groups 4 "
-      f"{wps['group4']}: {x(summary['group4_x_lstm'])} (target 1.50x)")
+      f"{wps['group4']}: {x(summary['group4_x_lstm'])}, with --grnn-cuda-graphs {wps['group4-graphs']}: "
+      f"{x(summary['group4-graphs_x_lstm'])} (target 1.50x)")
 EOF
 }
 
@@ -216,28 +240,38 @@ checks() {
     install_wheels || log "installing the wheels failed: FlashRNN and fairseq-train may be missing"
     BASE_PATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+    for name in tests benchmark train-lstm train-group4 train-group4-graphs; do
+        RC[$name]=skipped  # until its stage runs
+    done
     mapfile -t cuda_tests < <(grep -l "pytest.mark.cuda" tests/test_*.py)
-    stage tests env PYTHONPATH="$BASE_PATH" timeout "$(limit 150 300)" "$PYTHON" -m pytest -q -m cuda \
-        -p no:cacheprovider --junitxml "$OUT/pytest-cuda.xml" "${cuda_tests[@]}"
+    if [[ " $STAGES " == *" tests "* ]]; then
+        stage tests env PYTHONPATH="$BASE_PATH" timeout "$(limit 120 340)" "$PYTHON" -m pytest -q -m cuda \
+            -p no:cacheprovider --junitxml "$OUT/pytest-cuda.xml" "${cuda_tests[@]}"
+    fi
 
-    bench_s=$(limit 220 220)
-    stage benchmark env PYTHONPATH="$BASE_PATH:$FLASH" PYTHONUNBUFFERED=1 timeout "$bench_s" "$PYTHON" \
-        -m grnn_fairseq.benchmark --device cuda --repeats "$BENCH_REPEATS" --warmup 3 --flashrnn target \
-        --max-minutes "$(awk -v s="$bench_s" 'BEGIN { printf "%.2f", (s - 45) / 60 }')" \
-        --json "$OUT/bench-cuda.json" --png "$OUT/bench-cuda.png"
+    bench_s=$(limit 220 240)
+    if [[ " $STAGES " == *" benchmark "* ]]; then
+        stage benchmark env PYTHONPATH="$BASE_PATH:$FLASH" PYTHONUNBUFFERED=1 timeout "$bench_s" "$PYTHON" \
+            -m grnn_fairseq.benchmark --device cuda --repeats "$BENCH_REPEATS" --warmup 3 --flashrnn target \
+            --max-minutes "$(awk -v s="$bench_s" 'BEGIN { printf "%.2f", (s - 90) / 60 }')" \
+            --json "$OUT/bench-cuda.json" --png "$OUT/bench-cuda.png"
+    fi
 
-    if [[ -f "$DATA/dict.de.txt" ]]; then
-        stage train-lstm train lstm 110 --arch lstm_wiseman_iwslt_de_en --encoder-bidirectional \
+    if [[ " $STAGES " != *" train "* ]]; then
+        :
+    elif [[ -f "$DATA/dict.de.txt" ]]; then
+        fairseq_path || log "fairseq does not import here: the training runs will fail"
+        stage train-lstm train lstm 160 --arch lstm_wiseman_iwslt_de_en --encoder-bidirectional \
             --encoder-layers 2 --encoder-hidden-size 256 --decoder-layers 2 --decoder-hidden-size 512
-        stage train-group4 train group4 0 --arch group_rnnsearch_iwslt --encoder-groups 4 --decoder-groups 4
+        stage train-group4 train group4 80 --arch group_rnnsearch_iwslt --encoder-groups 4 --decoder-groups 4
+        stage train-group4-graphs train group4-graphs 0 --arch group_rnnsearch_iwslt --encoder-groups 4 \
+            --decoder-groups 4 --grnn-cuda-graphs
     else
         log "no $DATA (bash scripts/prepare-ding-de-en.sh, then carry it): the training runs are skipped"
-        RC[train-lstm]=skipped
-        RC[train-group4]=skipped
     fi
 
     summarize || log "the summary failed"
-    for name in tests benchmark train-lstm train-group4; do
+    for name in tests benchmark train-lstm train-group4 train-group4-graphs; do
         [[ "${RC[$name]:-}" == 0 || "${RC[$name]:-}" == skipped ]] || failed=1
     done
     return $failed

@@ -1,5 +1,6 @@
 """The fused group LSTM path against the autograd path and ``group_lstm_reference``: outputs and every gradient."""
 
+import copy
 import itertools
 
 import pytest
@@ -38,7 +39,7 @@ def outputs_and_grads(run, module, x, hx, lengths):
     h0, c0 = (v.clone().requires_grad_(True) for v in hx)
     y, (h, c) = run(module, x, (h0, c0), lengths)
     gen = torch.Generator().manual_seed(1)
-    loss = sum((v * torch.randn(v.shape, generator=gen, dtype=v.dtype)).sum() for v in (y, h, c))
+    loss = sum((v * torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)).sum() for v in (y, h, c))
     loss.backward()
     return [y, h, c, x.grad, h0.grad, c0.grad] + [p.grad for p in module.parameters()]
 
@@ -198,7 +199,7 @@ def test_cuda_matches_cpu(fused_mode, K):
     module, x, hx = make_case(K, torch.float64, True, True, True)
     lengths = torch.tensor([5, 2, 4])
     cpu = outputs_and_grads(run_module, module, x, hx, lengths)
-    module_cuda = module.cuda()
+    module_cuda = copy.deepcopy(module).cuda()  # .cuda() in place would move the CPU run's gradients too
     gpu = outputs_and_grads(run_module, module_cuda, x.cuda(), tuple(v.cuda() for v in hx), lengths.cuda())
     assert_close([v.cpu() for v in gpu], cpu, 1e-10)
 

@@ -7,6 +7,7 @@ one. The interpreter has no bfloat16 products (the kernels cast their operands t
 float32 to bfloat16 towards zero: the half-precision tolerances cover that.
 """
 
+import copy
 import itertools
 
 import pytest
@@ -77,11 +78,12 @@ def layer_case(T, B, I, H, K, dtype=torch.float32, device="cpu", padded=False, d
     return tensors, lengths, rmask
 
 
-def run_layer(step, tensors, shuffle, lengths, rmask, final_only=False):
+def run_layer(step, tensors, shuffle, lengths, rmask, final_only=False, graphs=False):
     """Outputs, h_n, c_n and the gradients of all seven inputs of one weighted-sum loss, on ``step``; K = 1
-    stays on the step (no aten LSTM). final_only: the loss reads h_n and c_n only (no output gradient)."""
+    stays on the step (no aten LSTM). final_only: the loss reads h_n and c_n only (no output gradient).
+    graphs: the backend's cuda_graphs."""
     inputs = [t.detach().clone().requires_grad_(True) for t in tensors]
-    with backend.use(step=step):
+    with backend.use(step=step, cuda_graphs=graphs):
         if step != "torch":  # the kernels must run, or the comparison would be of TorchStep with itself
             assert steps.step_kind(inputs[0]) == "triton"
         out, h_n, c_n = fused_group_lstm_direction(*inputs, shuffle, lengths, rmask, aten_at_one_group=False)
@@ -153,9 +155,9 @@ def test_half_layer_matches_float32(dtype, K, shuffle, monkeypatch):
     seen = []
     real_init = triton_step.TritonStep.__init__
 
-    def init(self, buf, forward):
+    def init(self, buf, forward, graphs=False):
         seen.append((buf.x.dtype, buf.R.dtype, buf.C.dtype if forward else buf.DG.dtype, buf.Q.dtype))
-        real_init(self, buf, forward)
+        real_init(self, buf, forward, graphs)
 
     monkeypatch.setattr(triton_step.TritonStep, "__init__", init)
     tensors, lengths, rmask = layer_case(5, 3, 8, 16, K, dtype=dtype, padded=True, dropout=True)
@@ -274,6 +276,20 @@ def test_cell_matches_pytorch_cell(fused_mode, launches, dtype, K):
     assert launches == {"forward": 6, "backward": 6}
 
 
+@pytest.mark.parametrize("final_only", [False, True], ids=["all", "final"])
+def test_loop_graph_buffers_match_eager(final_only):
+    """cuda_graphs on the interpreter: the loops run on LoopGraphs' own buffers (the copies in and out, dh_n and
+    dc_n entering at each row's last step through the float32 output gradient and DC) and give the eager loops'
+    numbers, with padding, the shuffle and recurrent dropout, on the first call and on a key seen before."""
+    triton_step.LOOP_GRAPHS.clear()
+    tensors, lengths, rmask = layer_case(5, 6, 8, 16, 2, padded=True, dropout=True)
+    want = run_layer("triton", tensors, True, lengths, rmask, final_only)
+    for _ in range(2):
+        got = run_layer("triton", tensors, True, lengths, rmask, final_only, graphs=True)
+        assert_close(got, want, 1e-6)
+    assert triton_step.LOOP_GRAPHS.seen and not triton_step.LOOP_GRAPHS.graphs  # nothing is captured on CPU
+
+
 def test_step_kind_resolution(monkeypatch):
     """auto takes Triton for CUDA tensors of float32, bfloat16 and float16 only; an explicit "triton" takes CPU
     tensors only on the interpreter, never float64 (PyTorch operations run those)."""
@@ -378,8 +394,8 @@ def test_kernels_compile_for_hopper(dtype):
 
 def test_cuda_benchmark_pieces_run_without_a_gpu(tmp_path):
     """What of ``benchmark --device cuda`` runs on a CPU: the grid order (the target configuration first), the
-    candidates' closures (Triton on the interpreter, the PyTorch-ops step, FlashRNN's glue against a stand-in
-    that checks the shapes of its API; the graph rows need CUDA), the figure, and the message without a GPU."""
+    candidates' closures (Triton on the interpreter, its loop graphs' buffers, the PyTorch-ops step, FlashRNN's
+    glue against a stand-in that checks the shapes of its API; the whole-call graph rows need CUDA), the figure, and the message without a GPU."""
     from grnn_fairseq import benchmark
 
     grid = benchmark.cuda_grid([256, 1024], [35, 100], [64], ["float32", "bfloat16"])
@@ -395,7 +411,7 @@ def test_cuda_benchmark_pieces_run_without_a_gpu(tmp_path):
         return torch.stack([h, h]), None
 
     cands = benchmark.cuda_candidates(16, 4, x, gy, flashrnn)
-    assert [c["path"] for c in cands] == ["triton", "triton-graph", "torch-ops", "flashrnn"]
+    assert [c["path"] for c in cands] == ["triton", "triton-graph", "loop-graphs", "torch-ops", "flashrnn"]
     for c in cands:
         if c["path"] != "triton-graph":
             for fn in c["make"]().values():
@@ -453,11 +469,9 @@ def test_cuda_module_and_cell(dtype):
     x, lengths = torch.randn(7, 19, 64, dtype=torch.float64), torch.randint(1, 8, (19,))
     lengths[0] = 7
 
-    def run(m, c, device, dt):
-        m, c = m.to(device=device, dtype=dt), c.to(device=device, dtype=dt)
-        m.zero_grad(set_to_none=True)
-        c.zero_grad(set_to_none=True)
-        xs = x.to(device=device, dtype=dt).requires_grad_(True)
+    def run(m, c, device, dt):  # on copies: .to() in place would convert the other run's gradients
+        m, c = copy.deepcopy(m).to(device=device, dtype=dt), copy.deepcopy(c).to(device=device, dtype=dt)
+        xs = x.detach().to(device=device, dtype=dt).requires_grad_(True)  # a leaf in both runs
         y, (h, cn) = m(xs, lengths=lengths.to(device))
         h1, c1 = c(xs[0], None)
         h2, c2 = c(xs[1], (h1, c1))
@@ -468,6 +482,21 @@ def test_cuda_module_and_cell(dtype):
     want = run(module, cell, "cpu", torch.float64)
     got = run(module, cell, "cuda", dtype)
     assert_close(got, want, 1e-5 if dtype == torch.float32 else 2 * HALF_TOL[dtype], relative=True)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cuda_loop_graphs_match_eager(dtype):
+    """cuda_graphs on a GPU: a key's first call runs eagerly, the second captures, later ones replay; every call,
+    each on fresh inputs and lengths, equals the eager loops."""
+    triton_step.LOOP_GRAPHS.clear()
+    for seed in range(4):
+        tensors, lengths, rmask = layer_case(7, 24, 32, 64, 4, dtype, "cuda", padded=True, dropout=True, seed=seed)
+        want = run_layer("triton", tensors, True, lengths, rmask)
+        got = run_layer("triton", tensors, True, lengths, rmask, graphs=True)
+        assert_close(got, want, 1e-6, relative=True)
+    assert len(triton_step.LOOP_GRAPHS.graphs) == 2  # the forward and the backward loop
 
 
 @pytest.mark.cuda

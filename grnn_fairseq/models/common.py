@@ -35,6 +35,9 @@ def add_backend_args(parser) -> None:
                              'the faster (results may then differ between runs and machines)')
     parser.add_argument('--grnn-no-defer-weight-grads', action='store_true',
                         help="compute a decoder loop's weight gradients step by step instead of once after it")
+    parser.add_argument('--grnn-cuda-graphs', action='store_true',
+                        help="on the Triton step (CUDA): replay each recurrent layer's time loop as a CUDA graph, "
+                             "captured the second time its shapes occur")
     # fmt: on
 
 
@@ -46,13 +49,15 @@ def backend_defaults(args) -> None:
     args.grnn_products = getattr(args, "grnn_products", None) or default.products
     args.grnn_benchmark = getattr(args, "grnn_benchmark", False)
     args.grnn_no_defer_weight_grads = getattr(args, "grnn_no_defer_weight_grads", False)
+    args.grnn_cuda_graphs = getattr(args, "grnn_cuda_graphs", False)
 
 
 def backend_from_args(args) -> backend.Backend:
     """The model's backend from its flags, logged once (the setting and what it resolves to on this machine)."""
     setting = backend.Backend(path=args.grnn_path, step=args.grnn_step, products=args.grnn_products,
                               benchmark=args.grnn_benchmark,
-                              defer_weight_grads=not args.grnn_no_defer_weight_grads)  # fmt: skip
+                              defer_weight_grads=not args.grnn_no_defer_weight_grads,
+                              cuda_graphs=args.grnn_cuda_graphs)  # fmt: skip
     logger.info(f"grnn_fairseq backend: {backend.describe(setting)}")
     return setting
 

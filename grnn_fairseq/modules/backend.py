@@ -20,6 +20,9 @@ setting                values                     default  chooses
                                                            once per product shape and layout instead
 ``defer_weight_grads`` on, off                    on       a decoder loop's weight gradients as one product
                                                            over all steps after its backward pass
+``cuda_graphs``        on, off                    off      on the Triton step: replay a fused call's time
+                                                           loop as a CUDA graph, captured the second time
+                                                           its shapes occur (``triton_step.LoopGraphs``)
 =====================  =========================  =======  ==============================================
 
 Python: ``with backend.use(products="onednn"): ...`` (a context per thread), or ``backend.set_default(...)``
@@ -57,6 +60,7 @@ class Backend:
     products: str = "auto"
     benchmark: bool = False
     defer_weight_grads: bool = True
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         for name, allowed in (("path", PATHS), ("step", STEPS), ("products", PRODUCTS)):
@@ -227,4 +231,5 @@ def describe(setting: Optional[Backend] = None) -> str:
     else:
         products = s.products
     return (f"path={s.path} step={step} products={products} benchmark={'on' if s.benchmark else 'off'} "
-            f"defer_weight_grads={'on' if s.defer_weight_grads else 'off'}")  # fmt: skip
+            f"defer_weight_grads={'on' if s.defer_weight_grads else 'off'} "
+            f"cuda_graphs={'on' if s.cuda_graphs else 'off'}")  # fmt: skip

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import products
+from . import backend, products
 from .functional import prefix_mask
 from .steps import StepBuffers, _h_split, _h_view, make_step, step_kind
 
@@ -139,7 +139,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
     scale = _gate_scale(x, G4)
     bias = None if b_ih is None else (b_ih + b_hh) * scale  # K x 4H/K
 
-    kind = step_kind(x)
+    kind, graphs = step_kind(x), backend.current().cuda_graphs
     if x.dtype in HALF and kind != "triton":
         raise ValueError(f"the fused path runs {x.dtype} on the Triton step only, not on {kind!r}")
     # the saved slabs (returned to the pool when the graph node dies): R, Q, QC, F; the scratch slabs (returned at
@@ -178,10 +178,8 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
     out = x.new_empty(T, B, H)  # a copy, never a view of R (saved for backward)
     buf = StepBuffers(x=x, K=K, T=T, B=B, Hk=Hk, shuffle=shuffle, R=R, Q=Q, QC=QC, F=F, rm=rm,
                       w_hh=w_hh * scale.view(1, G4, 1), G=[g.view(T, B, G4) for g in Gs], C=C, out=out)  # fmt: skip
-    step = make_step(buf, forward=True, kind=kind)
-    for t in range(T):
-        step.forward_step(t)
-    step.finish_forward()
+    step = make_step(buf, forward=True, kind=kind, graphs=graphs)
+    step.forward_loop()
     if lengths is None:
         h_n = out[T - 1].clone()
         c_n = x.new_empty(B, H)  # a copy, never a view of C
@@ -196,7 +194,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
     del buf, step, Gs
     for slab in scratch_slabs:
         _WORKSPACE.give(slab)
-    return out, h_n, c_n, ((saved_slabs, Q, QC, F, R, rm, kind) if save else None)
+    return out, h_n, c_n, ((saved_slabs, Q, QC, F, R, rm, (kind, graphs)) if save else None)
 
 
 def _sequence_ends(lengths: Optional[Tensor], T: int, B: int, device) -> List[Optional[Tensor]]:
@@ -225,7 +223,7 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask):
         out, h_n, c_n, saved = _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save=True)
-        slabs, Q, QC, F, R, rm, ctx.step_kind = saved
+        slabs, Q, QC, F, R, rm, ctx.step = saved  # the backward pass runs the forward's step backend
         for slab in slabs:
             weakref.finalize(ctx, _WORKSPACE.give, slab)  # the saved buffers are reused once the graph node dies
         ctx.save_for_backward(x, w_ih, w_hh, Q, QC, F, R, rm, lengths)
@@ -254,16 +252,9 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
         scratch_slab, (DG,) = _WORKSPACE.take([tuple(Q.shape)], x)
         buf = StepBuffers(x=x, K=K, T=T, B=B, Hk=Hk, shuffle=shuffle, R=R, Q=Q, QC=QC, F=F, rm=rm, w_hh_grad=w_hh,
                           d_out=d_out, DG=DG)  # fmt: skip
-        step = make_step(buf, forward=False, kind=ctx.step_kind)
-        for t in range(T - 1, -1, -1):
-            done = ends[t + 1]  # the sequences whose last step is t take their dh_n and dc_n here
-            dh_add = dc_add = None
-            if done is not None:
-                if dhn is not None:
-                    dh_add = x.new_zeros(K, B, Hk).index_copy_(1, done, dhn.index_select(1, done))
-                if dcn is not None:
-                    dc_add = x.new_zeros(K, B, Hk).index_copy_(1, done, dcn.index_select(1, done))
-            step.backward_step(t, dh_add, dc_add)
+        kind, graphs = ctx.step
+        step = make_step(buf, forward=False, kind=kind, graphs=graphs)
+        step.backward_loop(ends, dhn, dcn)  # the sequences whose last step is t take their dh_n and dc_n there
         dr, dc = step.finish_backward(), step.dc
         dh0 = x.new_zeros(K, B, Hk)
         if dr is not None:

@@ -208,6 +208,27 @@ class Step:
         T = 0; ``self.dc`` then holds dc_0."""
         return self.dr
 
+    def forward_loop(self) -> None:
+        """Every forward step, then ``finish_forward``."""
+        for t in range(self.buf.T):
+            self.forward_step(t)
+        self.finish_forward()
+
+    def backward_loop(self, ends: List[Optional[Tensor]], dhn: Optional[Tensor], dcn: Optional[Tensor]) -> None:
+        """Every backward step, last first. ends[t + 1]: the rows whose sequence ends at step t (long), or None;
+        dhn, dcn: K x B x H/K (h order), the gradients of h_n and c_n, or None; they enter at each row's last
+        step."""
+        b = self.buf
+        for t in range(b.T - 1, -1, -1):
+            done = ends[t + 1]
+            dh_add = dc_add = None
+            if done is not None:
+                if dhn is not None:
+                    dh_add = b.x.new_zeros(b.K, b.B, b.Hk).index_copy_(1, done, dhn.index_select(1, done))
+                if dcn is not None:
+                    dc_add = b.x.new_zeros(b.K, b.B, b.Hk).index_copy_(1, done, dcn.index_select(1, done))
+            self.backward_step(t, dh_add, dc_add)
+
 
 class TorchStep(Step):
     """A step in PyTorch operations (module docstring)."""
@@ -416,16 +437,17 @@ def step_kind(x: Tensor) -> str:
     return "torch"
 
 
-def make_step(buf: StepBuffers, forward: bool, kind: Optional[str] = None) -> Step:
+def make_step(buf: StepBuffers, forward: bool, kind: Optional[str] = None, graphs: bool = False) -> Step:
     """The step backend ``kind`` (default: ``step_kind(buf.x)``) over ``buf``; a backward pass passes the kind
-    its forward pass ran, whose saved buffers it reads."""
+    its forward pass ran, whose saved buffers it reads. graphs: the Triton step replays its loops as CUDA
+    graphs (the backend's ``cuda_graphs``)."""
     kind = kind or step_kind(buf.x)
     if kind == "c":
         return CStep(buf, forward)
     if kind == "triton":
         from .triton_step import TritonStep
 
-        return TritonStep(buf, forward)
+        return TritonStep(buf, forward, graphs)
     return TorchStep(buf, forward)
 
 

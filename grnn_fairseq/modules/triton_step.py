@@ -33,9 +33,12 @@ autotuning, the same command runs the same kernels. The rule is written for Hopp
 measurement.
 """
 
+import collections
 import dataclasses
 import functools
-from typing import Optional, Tuple
+import logging
+import threading
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 import triton
@@ -44,6 +47,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .steps import Step, StepBuffers, _h_split, _h_view
+
+logger = logging.getLogger("grnn_fairseq.triton_step")
 
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32,) + HALF
@@ -327,8 +332,9 @@ class TritonStep(Step):
     ``finish_backward``. It prepares its own weight layouts, so ``Step.__init__``'s products are not made.
     """
 
-    def __init__(self, buf: StepBuffers, forward: bool):  # no super().__init__: its products go unused here
+    def __init__(self, buf: StepBuffers, forward: bool, graphs: bool = False):  # no super().__init__ (products)
         b = buf
+        self.graphs = graphs  # replay the loops as CUDA graphs (LoopGraphs)
         x = b.x
         if x.dtype not in DTYPES:
             raise ValueError(f"Triton step: inputs must be float32, bfloat16 or float16, got {x.dtype}")
@@ -353,10 +359,10 @@ class TritonStep(Step):
             _check(b.w_hh, "w_hh", (K, G4, Hk), dt, dev)
             self.kernel = _kernel("forward", not x.is_cuda)
             self.grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
-            w_t = b.w_hh.transpose(1, 2).contiguous()  # K x 4H/K x H/K -> K x H/K x 4H/K
-            G = _group_views(b.G, T, B, G4)  # K x T x B x 4H/K
+            self.w_t = b.w_hh.transpose(1, 2).contiguous()  # K x 4H/K x H/K -> K x H/K x 4H/K
+            self.G = _group_views(b.G, T, B, G4)  # K x T x B x 4H/K
             # R[:, 1:] and C[:, 1:]: step t writes h_t and c_t at index t of these views
-            self.args = (G, b.R, b.R[:, 1:], w_t, b.rm, b.C, b.C[:, 1:], b.Q, b.QC, b.F, b.out)
+            self.args = (self.G, b.R, b.R[:, 1:], self.w_t, b.rm, b.C, b.C[:, 1:], b.Q, b.QC, b.F, b.out)
             self.strides = ((T + 1) * B * Hk, (T + 1) * B * Hk)  # group strides of R and C
             self.flags = {**common, "SAVE": b.Q is not None, "HAS_PRODUCT": True, "HAS_OUT": True,
                           "SCALE_G": False, "BLOCK_B": tiles.BLOCK_B, "BLOCK_J": tiles.BLOCK_J,
@@ -400,6 +406,94 @@ class TritonStep(Step):
             self.dy[t].view(B, K, Hk).add_(dh_add.transpose(0, 1))  # K x B x H/K -> B x K x H/K
         self._launch_backward(t, True, None)
 
+    def forward_loop(self) -> None:
+        if not self.graphs:
+            return super().forward_loop()
+        b = self.buf
+        key = ("forward", self.sizes, tuple(sorted(self.flags.items())), b.Q is not None, b.x.dtype, b.x.device)
+
+        def make():  # the graph's own buffers, of this call's shapes
+            own = StepBuffers(x=_stand_in(b.x), K=b.K, T=b.T, B=b.B, Hk=b.Hk, shuffle=b.shuffle,
+                              R=torch.empty_like(b.R), Q=_like(b.Q), QC=_like(b.QC), F=_like(b.F), rm=_like(b.rm),
+                              w_hh=b.w_hh,
+                              G=list(torch.empty_like(self.G).unbind(0)), C=torch.empty_like(b.C),
+                              out=torch.empty_like(b.out))  # fmt: skip
+            step = TritonStep(own, forward=True)
+            return step, lambda: Step.forward_loop(step)
+
+        def copy_in(step):
+            step.G.copy_(self.G)
+            step.w_t.copy_(self.w_t)
+            step.buf.R[:, 0].copy_(b.R[:, 0])
+            step.buf.C[:, 0].copy_(b.C[:, 0])
+            _copy(step.buf.rm, b.rm)
+
+        def copy_out(step):
+            own = step.buf
+            b.R[:, 1:].copy_(own.R[:, 1:])
+            b.C[:, 1:].copy_(own.C[:, 1:])
+            b.out.copy_(own.out)
+            for mine, theirs in ((b.Q, own.Q), (b.QC, own.QC), (b.F, own.F)):
+                _copy(mine, theirs)
+
+        LOOP_GRAPHS.run(key, make, copy_in, copy_out, b.x.is_cuda)
+
+    def backward_loop(self, ends, dhn, dcn) -> None:
+        if not self.graphs:
+            return super().backward_loop(ends, dhn, dcn)
+        b = self.buf
+        T, B, K, Hk = self.sizes
+        # The final states' gradients enter at each row's last step: dh_n into a float32 copy of the output
+        # gradient, dc_n through DC (T x K x B x H/K, h order), added to dc before each step's launch.
+        last = torch.full((B,), -1, dtype=torch.long)
+        for t in range(T):
+            if ends[t + 1] is not None:
+                last[ends[t + 1].cpu()] = t
+        rows = torch.nonzero(last >= 0).squeeze(1).to(b.x.device)
+        steps_ = last[last >= 0].to(b.x.device)
+        if dhn is not None:
+            self.dy = (torch.zeros(T, B, K * Hk, dtype=torch.float32, device=b.x.device) if self.dy is None
+                       else self.dy.to(torch.float32, copy=True))  # fmt: skip
+            self.dy.view(T, B, K, Hk).index_put_((steps_, rows), dhn.transpose(0, 1).index_select(0, rows).float(),
+                                                 accumulate=True)  # fmt: skip
+            self.dy_own = True
+        DC = None
+        if dcn is not None:
+            DC = torch.zeros(T, K, B, Hk, dtype=torch.float32, device=b.x.device)
+            DC.permute(0, 2, 1, 3).index_put_((steps_, rows), dcn.transpose(0, 1).index_select(0, rows).float())
+        dy_dtype = None if self.dy is None else self.dy.dtype
+        key = ("backward", self.sizes, tuple(sorted(self.flags.items())), dy_dtype, DC is not None, b.x.dtype,
+               b.x.device)  # fmt: skip
+
+        def make():  # the graph's own buffers, of this call's shapes (R only for the checks: backward reads none)
+            own = StepBuffers(x=_stand_in(b.x), K=K, T=T, B=B, Hk=Hk, shuffle=b.shuffle, R=b.R,
+                              Q=torch.empty_like(b.Q), QC=torch.empty_like(b.QC), F=torch.empty_like(b.F),
+                              rm=_like(b.rm), w_hh_grad=torch.empty_like(self.w), DG=torch.empty_like(b.DG))
+            step = TritonStep(own, forward=False)
+            step.dy, step.DC = _like(self.dy), _like(DC)  # the output gradient, float32 once dh_n entered
+
+            def loop():
+                step.dc_r.zero_()
+                for t in range(T - 1, -1, -1):
+                    if step.DC is not None:
+                        _h_view(step.dc_r.unsqueeze(1), K, b.shuffle).squeeze(1).add_(
+                            _h_split(step.DC[t], K, b.shuffle))  # fmt: skip
+                    step._launch_backward(t, True, None)
+
+            return step, loop
+
+        def copy_in(step):
+            own = step.buf
+            for mine, theirs in ((own.Q, b.Q), (own.QC, b.QC), (own.F, b.F), (step.w, self.w), (own.rm, b.rm),
+                                 (step.dy, self.dy), (step.DC, DC)):  # fmt: skip
+                _copy(mine, theirs)
+
+        def copy_out(step):
+            b.DG.copy_(step.buf.DG)
+            self.dc_r.copy_(step.dc_r)
+
+        LOOP_GRAPHS.run(key, make, copy_in, copy_out, b.x.is_cuda)
+
     def finish_backward(self) -> Optional[Tensor]:
         b = self.buf
         K, B, Hk = b.K, b.B, b.Hk
@@ -410,6 +504,89 @@ class TritonStep(Step):
         self.dr = torch.empty(K, B, Hk, dtype=torch.float32, device=b.x.device)
         self._launch_backward(-1, False, self.dr)  # dr_0 = DG[:, 0] @ W_hh, times the dropout mask
         return self.dr
+
+
+def _stand_in(x: Tensor) -> Tensor:
+    """An empty tensor of x's dtype and device: what a step reads of ``StepBuffers.x`` (not its data)."""
+    return x.new_empty(0)
+
+
+def _like(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else torch.empty_like(t)
+
+
+def _copy(dst: Optional[Tensor], src: Optional[Tensor]) -> None:
+    if dst is not None:
+        dst.copy_(src)
+
+
+class LoopGraphs:
+    """CUDA graphs of fused calls' time loops (the backend's ``cuda_graphs``): a loop's T kernel launches, each
+    with a Python call of its own, become one graph launch.
+
+    A graph runs on buffers of its own, made for one key (the loop's direction, sizes, dtypes and flags):
+    ``run`` copies the call's inputs into them, replays, and copies the results out, so that any number of
+    calls (layers, directions, a forward not yet differentiated) can share it. A key is captured the second
+    time it occurs (the first runs eagerly: a shape seen once never pays for a capture); at most ``max_graphs``
+    keys are held, the least recently used dropped first; a key whose capture fails stays eager (logged). On
+    CPU tensors (Triton's interpreter, the tests) the loop runs eagerly on the graph's buffers, copies included.
+    """
+
+    def __init__(self, max_graphs: int = 32):
+        self.max_graphs = max_graphs
+        self.lock = threading.Lock()
+        self.seen: Dict[tuple, int] = {}
+        self.failed: Set[tuple] = set()
+        self.captured = 0  # graphs captured so far
+        self.graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+    def run(self, key: tuple, make: Callable, copy_in: Callable, copy_out: Callable, cuda: bool) -> None:
+        """make() -> (step, loop): a step over buffers of its own and the loop over them; copy_in(step),
+        copy_out(step): the call's inputs into them and its results out."""
+        with self.lock:
+            entry = self.graphs.get(key)
+            if entry is not None:
+                self.graphs.move_to_end(key)
+            seen = self.seen[key] = self.seen.get(key, 0) + 1
+        if entry is None:
+            step, loop = make()
+            copy_in(step)
+            loop()  # eagerly: it compiles the kernels, and it is the result of this call
+            copy_out(step)
+            if seen < 2 or not cuda or key in self.failed:
+                return
+            graph = torch.cuda.CUDAGraph()
+            try:  # on a side stream of its own, the eager loop having warmed everything up; thread_local: work
+                # of other threads (a data loader's) does not spoil this thread's capture
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    loop()
+            except RuntimeError as e:  # this call's results are already out; the key stays eager
+                with self.lock:
+                    self.failed.add(key)
+                logger.warning(f"CUDA graph capture failed, the loop runs eagerly: {str(e).splitlines()[0]}")
+                return
+            with self.lock:
+                if not self.graphs and not self.captured:
+                    logger.info(f"captured a CUDA graph of a {key[0]} loop; later calls with its shapes replay it")
+                self.captured += 1
+                self.graphs[key] = (step, graph)
+                while len(self.graphs) > self.max_graphs:
+                    self.graphs.popitem(last=False)
+            return
+        step, graph = entry
+        with self.lock:  # one call at a time on a graph's buffers
+            copy_in(step)
+            graph.replay()
+            copy_out(step)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.seen.clear()
+            self.failed.clear()
+            self.graphs.clear()
+
+
+LOOP_GRAPHS = LoopGraphs()
 
 
 # ---------------------------------------------------------------------------------------- the cell's step
