@@ -415,9 +415,8 @@ class TritonStep(Step):
         def make():  # the graph's own buffers, of this call's shapes
             own = StepBuffers(x=_stand_in(b.x), K=b.K, T=b.T, B=b.B, Hk=b.Hk, shuffle=b.shuffle,
                               R=torch.empty_like(b.R), Q=_like(b.Q), QC=_like(b.QC), F=_like(b.F), rm=_like(b.rm),
-                              w_hh=b.w_hh,
-                              G=list(torch.empty_like(self.G).unbind(0)), C=torch.empty_like(b.C),
-                              out=torch.empty_like(b.out))  # fmt: skip
+                              w_hh=b.w_hh, G=list(torch.empty_like(self.G).unbind(0)),  # K x (T x B x 4H/K)
+                              C=torch.empty_like(b.C), out=torch.empty_like(b.out))  # fmt: skip
             step = TritonStep(own, forward=True)
             return step, lambda: Step.forward_loop(step)
 
@@ -445,22 +444,23 @@ class TritonStep(Step):
         T, B, K, Hk = self.sizes
         # The final states' gradients enter at each row's last step: dh_n into a float32 copy of the output
         # gradient, dc_n through DC (T x K x B x H/K, h order), added to dc before each step's launch.
-        last = torch.full((B,), -1, dtype=torch.long)
+        last = torch.full((B,), -1, dtype=torch.long)  # each row's last step (-1: empty, handled by the caller)
         for t in range(T):
             if ends[t + 1] is not None:
                 last[ends[t + 1].cpu()] = t
-        rows = torch.nonzero(last >= 0).squeeze(1).to(b.x.device)
-        steps_ = last[last >= 0].to(b.x.device)
+        rows = torch.nonzero(last >= 0).squeeze(1).to(b.x.device)  # n rows, and their last steps:
+        at = last[last >= 0].to(b.x.device)
         if dhn is not None:
             self.dy = (torch.zeros(T, B, K * Hk, dtype=torch.float32, device=b.x.device) if self.dy is None
                        else self.dy.to(torch.float32, copy=True))  # fmt: skip
-            self.dy.view(T, B, K, Hk).index_put_((steps_, rows), dhn.transpose(0, 1).index_select(0, rows).float(),
-                                                 accumulate=True)  # fmt: skip
+            dh = dhn.transpose(0, 1).index_select(0, rows).float()  # K x B x H/K -> n x K x H/K
+            self.dy.view(T, B, K, Hk).index_put_((at, rows), dh, accumulate=True)
             self.dy_own = True
         DC = None
         if dcn is not None:
             DC = torch.zeros(T, K, B, Hk, dtype=torch.float32, device=b.x.device)
-            DC.permute(0, 2, 1, 3).index_put_((steps_, rows), dcn.transpose(0, 1).index_select(0, rows).float())
+            dc = dcn.transpose(0, 1).index_select(0, rows).float()  # K x B x H/K -> n x K x H/K
+            DC.permute(0, 2, 1, 3).index_put_((at, rows), dc)  # T x B x K x H/K view
         dy_dtype = None if self.dy is None else self.dy.dtype
         key = ("backward", self.sizes, tuple(sorted(self.flags.items())), dy_dtype, DC is not None, b.x.dtype,
                b.x.device)  # fmt: skip
