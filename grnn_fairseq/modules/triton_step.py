@@ -393,17 +393,27 @@ class TritonStep(Step):
             HAS_NEXT=t + 1 < T, POINTWISE=pointwise, HAS_DY=has_dy, **self.flags,
         )  # fmt: skip
 
+    def _own_dy(self) -> Tensor:
+        """The output gradient as a float32 copy of this step's own (zeros without one), which final-state
+        gradients can be added into: T x B x H."""
+        if not self.dy_own:
+            T, B, K, Hk = self.sizes
+            self.dy = (torch.zeros(T, B, K * Hk, dtype=torch.float32, device=self.buf.x.device) if self.dy is None
+                       else self.dy.to(torch.float32, copy=True))  # fmt: skip
+            self.dy_own = True
+        return self.dy
+
+    def _add_dc(self, dc_add: Tensor) -> None:
+        """dc_add (K x B x H/K, h order) into dc's r-order slots."""
+        K, shuffle = self.buf.K, self.buf.shuffle
+        _h_view(self.dc_r.unsqueeze(1), K, shuffle).squeeze(1).add_(_h_split(dc_add, K, shuffle))
+
     def backward_step(self, t: int, dh_add: Optional[Tensor], dc_add: Optional[Tensor]) -> None:
-        b = self.buf
         T, B, K, Hk = self.sizes
-        if dc_add is not None:  # K x B x H/K in h order, added into dc's r-order slots
-            _h_view(self.dc_r.unsqueeze(1), K, b.shuffle).squeeze(1).add_(_h_split(dc_add, K, b.shuffle))
+        if dc_add is not None:
+            self._add_dc(dc_add)
         if dh_add is not None:  # into step t of a float32 copy of the output gradient
-            if not self.dy_own:
-                self.dy = (torch.zeros(T, B, K * Hk, dtype=torch.float32, device=b.x.device) if self.dy is None
-                           else self.dy.to(torch.float32, copy=True))  # fmt: skip
-                self.dy_own = True
-            self.dy[t].view(B, K, Hk).add_(dh_add.transpose(0, 1))  # K x B x H/K -> B x K x H/K
+            self._own_dy()[t].view(B, K, Hk).add_(dh_add.transpose(0, 1))  # K x B x H/K -> B x K x H/K
         self._launch_backward(t, True, None)
 
     def forward_loop(self) -> None:
@@ -444,18 +454,13 @@ class TritonStep(Step):
         T, B, K, Hk = self.sizes
         # The final states' gradients enter at each row's last step: dh_n into a float32 copy of the output
         # gradient, dc_n through DC (T x K x B x H/K, h order), added to dc before each step's launch.
-        last = torch.full((B,), -1, dtype=torch.long)  # each row's last step (-1: empty, handled by the caller)
-        for t in range(T):
-            if ends[t + 1] is not None:
-                last[ends[t + 1].cpu()] = t
-        rows = torch.nonzero(last >= 0).squeeze(1).to(b.x.device)  # n rows, and their last steps:
-        at = last[last >= 0].to(b.x.device)
+        # rows: the n rows with a last step (ends[0], the empty ones, are the caller's), at: that step.
+        ended = [(t, e) for t, e in enumerate(ends[1:]) if e is not None]
+        rows = torch.cat([e for _, e in ended]) if ended else torch.zeros(0, dtype=torch.long, device=b.x.device)
+        at = torch.cat([torch.full_like(e, t) for t, e in ended]) if ended else rows
         if dhn is not None:
-            self.dy = (torch.zeros(T, B, K * Hk, dtype=torch.float32, device=b.x.device) if self.dy is None
-                       else self.dy.to(torch.float32, copy=True))  # fmt: skip
             dh = dhn.transpose(0, 1).index_select(0, rows).float()  # K x B x H/K -> n x K x H/K
-            self.dy.view(T, B, K, Hk).index_put_((at, rows), dh, accumulate=True)
-            self.dy_own = True
+            self._own_dy().view(T, B, K, Hk).index_put_((at, rows), dh, accumulate=True)
         DC = None
         if dcn is not None:
             DC = torch.zeros(T, K, B, Hk, dtype=torch.float32, device=b.x.device)
@@ -476,8 +481,7 @@ class TritonStep(Step):
                 step.dc_r.zero_()
                 for t in range(T - 1, -1, -1):
                     if step.DC is not None:
-                        _h_view(step.dc_r.unsqueeze(1), K, b.shuffle).squeeze(1).add_(
-                            _h_split(step.DC[t], K, b.shuffle))  # fmt: skip
+                        step._add_dc(step.DC[t])
                     step._launch_backward(t, True, None)
 
             return step, loop
@@ -566,7 +570,7 @@ class LoopGraphs:
                 logger.warning(f"CUDA graph capture failed, the loop runs eagerly: {str(e).splitlines()[0]}")
                 return
             with self.lock:
-                if not self.graphs and not self.captured:
+                if self.captured == 0:
                     logger.info(f"captured a CUDA graph of a {key[0]} loop; later calls with its shapes replay it")
                 self.captured += 1
                 self.graphs[key] = (step, graph)
