@@ -51,6 +51,7 @@ SITE=/tmp/gpu-check-site  # fairseq and its needs, for the training runs
 NUMPY1=/tmp/gpu-check-numpy1  # numpy < 2 for fairseq 0.12 (numpy.compat)
 SHIM=/tmp/gpu-check-shim  # else: the machine's numpy with numpy.compat.long put back (sitecustomize.py)
 FLASH=/tmp/gpu-check-flash  # FlashRNN, for the benchmark
+STAGE_NAMES=(tests benchmark train-lstm train-group4 train-group4-graphs)  # the summary's and exit status's
 
 log() { echo "[gpu-check $(date +%H:%M:%S)] $*"; }
 die() { echo "[gpu-check] ERROR: $*" >&2; exit 1; }
@@ -171,7 +172,7 @@ train() {  # train NAME RESERVE ARCH-FLAGS...: one fairseq-train run, its log in
 
 summarize() {  # the targets read from the benchmark's JSON and the training logs, into summary.json
     local stages="" name
-    for name in tests benchmark train-lstm train-group4 train-group4-graphs; do
+    for name in "${STAGE_NAMES[@]}"; do
         stages+="\"$name\": {\"exit\": \"${RC[$name]:-not run}\", \"seconds\": ${SECONDS_OF[$name]:-0}}, "
     done
     "$PYTHON" - "$OUT" "{${stages%, }}" "$(( $(date +%s) - start ))" <<'EOF'
@@ -240,7 +241,7 @@ checks() {
     install_wheels || log "installing the wheels failed: FlashRNN and fairseq-train may be missing"
     BASE_PATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-    for name in tests benchmark train-lstm train-group4 train-group4-graphs; do
+    for name in "${STAGE_NAMES[@]}"; do
         RC[$name]=skipped  # until its stage runs
     done
     mapfile -t cuda_tests < <(grep -l "pytest.mark.cuda" tests/test_*.py)
@@ -257,21 +258,19 @@ checks() {
             --json "$OUT/bench-cuda.json" --png "$OUT/bench-cuda.png"
     fi
 
-    if [[ " $STAGES " != *" train "* ]]; then
-        :
-    elif [[ -f "$DATA/dict.de.txt" ]]; then
+    if [[ " $STAGES " == *" train "* && -f "$DATA/dict.de.txt" ]]; then
         fairseq_path || log "fairseq does not import here: the training runs will fail"
         stage train-lstm train lstm 160 --arch lstm_wiseman_iwslt_de_en --encoder-bidirectional \
             --encoder-layers 2 --encoder-hidden-size 256 --decoder-layers 2 --decoder-hidden-size 512
         stage train-group4 train group4 80 --arch group_rnnsearch_iwslt --encoder-groups 4 --decoder-groups 4
         stage train-group4-graphs train group4-graphs 0 --arch group_rnnsearch_iwslt --encoder-groups 4 \
             --decoder-groups 4 --grnn-cuda-graphs
-    else
+    elif [[ " $STAGES " == *" train "* ]]; then
         log "no $DATA (bash scripts/prepare-ding-de-en.sh, then carry it): the training runs are skipped"
     fi
 
     summarize || log "the summary failed"
-    for name in tests benchmark train-lstm train-group4 train-group4-graphs; do
+    for name in "${STAGE_NAMES[@]}"; do
         [[ "${RC[$name]:-}" == 0 || "${RC[$name]:-}" == skipped ]] || failed=1
     done
     return $failed
