@@ -79,34 +79,34 @@ def train(model, data, updates, save_root, threads):
     return save, parse_train_log(open(log_path).read())
 
 
-def recurrent_params(checkpoint: str, data_bin: str) -> int:
-    """Parameters of the recurrent layers (the paper's count): our GroupLSTM / GroupLSTMCell / FactorizedLSTM / SRU
-    layers, and fairseq's nn.LSTM / nn.LSTMCell."""
-    import torch.nn as nn
+def load(checkpoint: str, data_bin: str):
+    """The trained model (eval mode) and its task."""
     from fairseq import checkpoint_utils
 
     import grnn_fairseq  # noqa: F401  (registers our models)
-    from grnn_fairseq.modules import RECURRENT_LAYERS
 
-    models, _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides={"data": os.path.abspath(data_bin)})
-    layers = RECURRENT_LAYERS + (nn.LSTM, nn.LSTMCell)
-    return sum(p.numel() for m in models[0].modules() if isinstance(m, layers) for p in m.parameters(recurse=False))
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [checkpoint], arg_overrides={"data": os.path.abspath(data_bin)})  # fmt: skip
+    return models[0].eval(), task
 
 
-def source_use(checkpoint: str, data_bin: str):
+def recurrent_params(model) -> int:
+    """Parameters of the recurrent layers (the paper's count): ours, and fairseq's nn.LSTM / nn.LSTMCell."""
+    import torch.nn as nn
+
+    from grnn_fairseq.models.group_rnnsearch import recurrent_parameter_count
+
+    return recurrent_parameter_count(model, also=(nn.LSTM, nn.LSTMCell))
+
+
+def source_use(model, task):
     """How much the model uses its source, on the valid set with teacher forcing: the loss (bits per target token)
     with the true sources, the loss with every batch's targets rotated by one sentence (each target with another
     sentence's source: what a model that ignores its source does not notice; sources keep their order, which
     fairseq's LSTM needs), and the mean over target tokens of the largest attention weight (None for models that
     return no attention)."""
     import torch
-    from fairseq import checkpoint_utils
 
-    import grnn_fairseq  # noqa: F401
-
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides={"data": os.path.abspath(data_bin)})  # fmt: skip
-    model = models[0].eval()
     task.load_dataset("valid")
     itr = task.get_batch_iterator(task.dataset("valid"), max_sentences=64).next_epoch_itr(shuffle=False)
     totals = {"loss": 0.0, "loss_other_source": 0.0, "peak": 0.0}
@@ -211,10 +211,10 @@ def main(argv=None):
         save, result = train(model, args.data, args.updates, args.save_root, args.threads)
         if not os.path.exists(os.path.join(save, "test.detok")):
             decode(save, args.data)
-        result["recurrent_params"] = recurrent_params(os.path.join(save, "checkpoint_best.pt"),
-                                                      os.path.join(args.data, "data-bin"))  # fmt: skip
+        model, task = load(os.path.join(save, "checkpoint_best.pt"), os.path.join(args.data, "data-bin"))
+        result["recurrent_params"] = recurrent_params(model)
         result["tokenized_bleu"] = tokenized_bleu(save, args.data)
-        result.update(source_use(os.path.join(save, "checkpoint_best.pt"), os.path.join(args.data, "data-bin")))
+        result.update(source_use(model, task))
         rows.append({"model": model, **result})
         saves.append(save)
     text, scores = paired_bootstrap(saves, args.data, args.bootstrap_samples)

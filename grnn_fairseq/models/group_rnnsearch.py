@@ -423,16 +423,15 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         return self.max_target_positions
 
 
-def recurrent_parameter_count(module: nn.Module) -> int:
-    """Parameters of every GroupLSTM / GroupLSTMCell / FactorizedLSTM / SRU (weights and biases): the paper's
-    "recurrent layers".
+def recurrent_parameter_count(module: nn.Module, also: Tuple[type, ...] = ()) -> int:
+    """Parameters of every GroupLSTM / GroupLSTMCell / FactorizedLSTM / SRU (weights and biases), and of the
+    layer types in ``also`` (e.g. nn.LSTM, nn.LSTMCell for fairseq's own models): the paper's "recurrent layers".
 
     Embeddings, attention (W_q, W_k, v or W; W_o), the decoder init projection and the output layers are
     not counted.
     """
-    return sum(
-        p.numel() for m in module.modules() if isinstance(m, RECURRENT_LAYERS) for p in m.parameters()
-    )
+    layers = RECURRENT_LAYERS + tuple(also)
+    return sum(p.numel() for m in module.modules() if isinstance(m, layers) for p in m.parameters())
 
 
 def check_args(args, task) -> None:
