@@ -13,10 +13,12 @@
 #                learns too slowly for this budget
 #   SCHEDULER_FLAGS  default "--lr-scheduler fixed"; CRITERION_FLAGS default "--criterion
 #                label_smoothed_cross_entropy --label-smoothing 0.1"
-#   MODEL_FLAGS  default "--decoder-residual --decoder-hidden-size 512": a residual connection from the
-#                attention layer's output around the decoder's upper layer (GNMT), which needs that layer as wide
-#                as the first (2d); without it the upper layer is the only path from the attention to the output
-#                and the model learns to use its source far more slowly (docs/translation.md)
+#   MODEL_FLAGS  default "--decoder-residual --decoder-hidden-size 512 --init-uniform 0.1 --attention-type
+#                luong": a residual connection from the attention layer's output around the decoder's upper
+#                layer (GNMT), which needs that layer as wide as the first (2d); without it the upper layer is
+#                the only path from the attention to the output and the model learns to use its source far more
+#                slowly; with it, fairseq's LSTM initialization U(-0.1, 0.1) and Luong's attention
+#                (docs/translation.md)
 # With these defaults the recipe is scripts/translation_report.py's (its "groups 2" row; NUM_GROUPS the others).
 #   DATA         data folder (default data/ding-de-en), SAVE checkpoints (default checkpoints/ding-de-en-gK)
 #   EXTRA        more fairseq-train flags
@@ -31,7 +33,7 @@ export MAX_UPDATE="${MAX_UPDATE:-3000}"
 export OPTIMIZER_FLAGS="${OPTIMIZER_FLAGS:---optimizer adam --lr 0.002}"
 export SCHEDULER_FLAGS="${SCHEDULER_FLAGS:---lr-scheduler fixed}"
 export CRITERION_FLAGS="${CRITERION_FLAGS:---criterion label_smoothed_cross_entropy --label-smoothing 0.1}"
-MODEL_FLAGS="${MODEL_FLAGS:---decoder-residual --decoder-hidden-size 512}"
+MODEL_FLAGS="${MODEL_FLAGS:---decoder-residual --decoder-hidden-size 512 --init-uniform 0.1 --attention-type luong}"
 export MAX_EPOCH="${MAX_EPOCH:-100}"  # the budget is MAX_UPDATE
 DATA="${DATA:-data/ding-de-en}"
 SAVE="${SAVE:-checkpoints/ding-de-en-g$NUM_GROUPS}"

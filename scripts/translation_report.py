@@ -31,7 +31,9 @@ RECIPE = ["--task", "translation", "--source-lang", "de", "--target-lang", "en",
           "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-epoch", "100", "--seed", "1",
           "--no-epoch-checkpoints", "--no-last-checkpoints", "--log-format", "simple", "--log-interval", "50",
           "--num-workers", "0", "--required-batch-size-multiple", "1", "--cpu"]  # fmt: skip
-RESIDUAL = ["--decoder-residual", "--decoder-hidden-size", "512"]  # the translation recipe's decoder
+# the translation recipe's model flags (docs/translation.md): the residual decoder, fairseq's LSTM initialization
+# and attention form
+RESIDUAL = ["--decoder-residual", "--decoder-hidden-size", "512", "--init-uniform", "0.1", "--attention-type", "luong"]
 MODELS = {
     "fairseq lstm_wiseman_iwslt_de_en": ["--arch", "lstm_wiseman_iwslt_de_en"],
     "group_rnnsearch_iwslt, groups 2, the paper's decoder": ["--arch", "group_rnnsearch_iwslt"],

@@ -483,4 +483,5 @@ def test_translate_de_en_example_end_to_end(tmp_path):
     model = torch.load(tmp_path / "ckpt" / "checkpoint_best.pt", weights_only=False)["cfg"]["model"]
     assert model.arch == "group_rnnsearch_iwslt" and model.encoder_groups == 2  # the defaults reached training
     assert model.decoder_residual and model.decoder_hidden_size == 512 and model.lr_scheduler == "fixed"
+    assert model.init_uniform == 0.1 and model.attention_type == "luong"
     assert model.criterion == "label_smoothed_cross_entropy" and model.label_smoothing == 0.1
