@@ -213,10 +213,10 @@ def main(argv=None):
         save, result = train(model, args.data, args.updates, args.save_root, args.threads)
         if not os.path.exists(os.path.join(save, "test.detok")):
             decode(save, args.data)
-        model, task = load(os.path.join(save, "checkpoint_best.pt"), os.path.join(args.data, "data-bin"))
-        result["recurrent_params"] = recurrent_params(model)
+        net, task = load(os.path.join(save, "checkpoint_best.pt"), os.path.join(args.data, "data-bin"))
+        result["recurrent_params"] = recurrent_params(net)
         result["tokenized_bleu"] = tokenized_bleu(save, args.data)
-        result.update(source_use(model, task))
+        result.update(source_use(net, task))
         rows.append({"model": model, **result})
         saves.append(save)
     text, scores = paired_bootstrap(saves, args.data, args.bootstrap_samples)

@@ -1,6 +1,8 @@
 """scripts/designs_report.py and scripts/ablation_shuffle.py without training: every row's flags parse in this
 checkout (a typo would otherwise surface only in the lead's hours-long run), the two scripts share their runs,
-and the tables format what they are given."""
+and the tables format what they are given; scripts/translation_report.py end to end on a tiny corpus."""
+
+import json
 
 import os
 import sys
@@ -85,3 +87,40 @@ def test_benchmark_models_table_names_the_batching():
     lines = benchmark_models.table(rows, "max-tokens").splitlines()
     assert lines[0] == "--max-tokens 4000:"
     assert lines[-1] == "| m | 2.50M | 1234 | 812 MiB | 1.50x | 2.25x |"
+
+
+def test_translation_report_end_to_end(tmp_path):
+    """Two rows of the translation report, a few updates each on a tiny De-En corpus laid out as
+    prepare-ding-de-en.sh writes it: it trains, decodes, counts the recurrent parameters (the recipe's values at
+    the IWSLT sizes, whatever the vocabulary), measures the source use and writes both tables."""
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    translation_report = pytest.importorskip("translation_report")
+    words = [("haus", "house"), ("katze", "cat"), ("hund", "dog"), ("baum", "tree"), ("buch", "book")]
+    for folder in ("raw", "tok", "plain"):
+        (tmp_path / folder).mkdir()
+    for split, n in (("train", 64), ("valid", 8), ("test", 6)):
+        pairs = [(f"das {words[i % 5][0]} ist {words[i // 5 % 5][0]}", f"the {words[i % 5][1]} is {words[i // 5 % 5][1]}")
+                 for i in range(n)]  # fmt: skip
+        for lang, column in (("de", 0), ("en", 1)):
+            text = "".join(p[column] + "\n" for p in pairs)
+            for folder in ("raw", "tok", "plain"):
+                (tmp_path / folder / f"{split}.{lang}").write_text(text)
+    raw = tmp_path / "raw"
+    preprocess.main(options.get_preprocessing_parser().parse_args([
+        "--source-lang", "de", "--target-lang", "en", "--trainpref", str(raw / "train"), "--validpref",
+        str(raw / "valid"), "--testpref", str(raw / "test"), "--destdir", str(tmp_path / "data-bin"),
+        "--workers", "1"]))  # fmt: skip
+    models = ["fairseq lstm_wiseman_iwslt_de_en", "group_rnnsearch_iwslt, groups 2"]
+    out = tmp_path / "report"
+    translation_report.main([str(tmp_path), "--models", *models, "--updates", "2", "--bootstrap-samples", "10",
+                             "--save-root", str(tmp_path / "runs"), "--out", str(out)])  # fmt: skip
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == models
+    assert [r["recurrent_params"] for r in rows] == [1314816, 5259264]
+    assert rows[0]["p"] is None and 0 <= rows[1]["p"] <= 1
+    assert all(r["valid_bits"] > 0 and r["attention_peak"] is not None for r in rows)
+    table = (tmp_path / "report.md").read_text().splitlines()
+    assert table[2].startswith("| fairseq lstm_wiseman_iwslt_de_en | 1.31M |") and "| baseline |" in table[2]
+    assert table[3].startswith("| group_rnnsearch_iwslt, groups 2 | 5.26M |")
