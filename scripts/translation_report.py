@@ -32,17 +32,17 @@ RECIPE = ["--task", "translation", "--source-lang", "de", "--target-lang", "en",
           "--no-epoch-checkpoints", "--no-last-checkpoints", "--log-format", "simple", "--log-interval", "50",
           "--num-workers", "0", "--required-batch-size-multiple", "1", "--cpu"]  # fmt: skip
 # the translation recipe's model flags (docs/translation.md): the residual decoder, fairseq's LSTM initialization
-# and attention form
-RESIDUAL = ["--decoder-residual", "--decoder-hidden-size", "512", "--init-uniform", "0.1", "--attention-type", "luong"]
+# and Luong's attention
+OURS = ["--decoder-residual", "--decoder-hidden-size", "512", "--init-uniform", "0.1", "--attention-type", "luong"]
 MODELS = {
     "fairseq lstm_wiseman_iwslt_de_en": ["--arch", "lstm_wiseman_iwslt_de_en"],
     "group_rnnsearch_iwslt, groups 2, the paper's decoder": ["--arch", "group_rnnsearch_iwslt"],
     "group_rnnsearch_iwslt, groups 1": ["--arch", "group_rnnsearch_iwslt", "--encoder-groups", "1",
-                                        "--decoder-groups", "1", *RESIDUAL],
-    "group_rnnsearch_iwslt, groups 2": ["--arch", "group_rnnsearch_iwslt", *RESIDUAL],
+                                        "--decoder-groups", "1", *OURS],
+    "group_rnnsearch_iwslt, groups 2": ["--arch", "group_rnnsearch_iwslt", *OURS],
     "group_rnnsearch_iwslt, groups 4": ["--arch", "group_rnnsearch_iwslt", "--encoder-groups", "4",
-                                        "--decoder-groups", "4", *RESIDUAL],
-    "G-LSTM, groups 2": ["--arch", "group_rnnsearch_iwslt", "--no-shuffle-layers", "--no-shuffle-time", *RESIDUAL],
+                                        "--decoder-groups", "4", *OURS],
+    "G-LSTM, groups 2": ["--arch", "group_rnnsearch_iwslt", "--no-shuffle-layers", "--no-shuffle-time", *OURS],
 }  # fmt: skip
 
 

@@ -3,7 +3,6 @@ checkout (a typo would otherwise surface only in the lead's hours-long run), the
 and the tables format what they are given; scripts/translation_report.py end to end on a tiny corpus."""
 
 import json
-
 import os
 import sys
 
@@ -101,8 +100,10 @@ def test_translation_report_end_to_end(tmp_path):
     for folder in ("raw", "tok", "plain"):
         (tmp_path / folder).mkdir()
     for split, n in (("train", 64), ("valid", 8), ("test", 6)):
-        pairs = [(f"das {words[i % 5][0]} ist {words[i // 5 % 5][0]}", f"the {words[i % 5][1]} is {words[i // 5 % 5][1]}")
-                 for i in range(n)]  # fmt: skip
+        pairs = []
+        for i in range(n):
+            (de, en), (de2, en2) = words[i % 5], words[i // 5 % 5]
+            pairs.append((f"das {de} ist {de2}", f"the {en} is {en2}"))
         for lang, column in (("de", 0), ("en", 1)):
             text = "".join(p[column] + "\n" for p in pairs)
             for folder in ("raw", "tok", "plain"):
