@@ -107,7 +107,7 @@ def word_reversal_pairs(n, seed):
     return pairs
 
 
-def preprocess_parallel(prefixes, destdir, *flags):
+def preprocess_parallel(prefixes, destdir, *flags, langs=("src", "tgt")):
     """fairseq-preprocess in process (saves the ~4 s import of a separate fairseq-preprocess)."""
     from fairseq import options
     from fairseq_cli import preprocess
@@ -115,7 +115,7 @@ def preprocess_parallel(prefixes, destdir, *flags):
     train, valid, test = prefixes
     parser = options.get_preprocessing_parser()
     preprocess.main(parser.parse_args([
-        "--source-lang", "src", "--target-lang", "tgt", "--trainpref", str(train), "--validpref", str(valid),
+        "--source-lang", langs[0], "--target-lang", langs[1], "--trainpref", str(train), "--validpref", str(valid),
         "--testpref", str(test), "--destdir", str(destdir), "--joined-dictionary", "--workers", "1", *flags,
     ]))  # fmt: skip
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, preprocess_parallel
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 designs_report = pytest.importorskip("designs_report")
@@ -92,9 +92,6 @@ def test_translation_report_end_to_end(tmp_path):
     """Two rows of the translation report, a few updates each on a tiny De-En corpus laid out as
     prepare-ding-de-en.sh writes it: it trains, decodes, counts the recurrent parameters (the recipe's values at
     the IWSLT sizes, whatever the vocabulary), measures the source use and writes both tables."""
-    from fairseq import options
-    from fairseq_cli import preprocess
-
     translation_report = pytest.importorskip("translation_report")
     words = [("haus", "house"), ("katze", "cat"), ("hund", "dog"), ("baum", "tree"), ("buch", "book")]
     for folder in ("raw", "tok", "plain"):
@@ -109,19 +106,16 @@ def test_translation_report_end_to_end(tmp_path):
             for folder in ("raw", "tok", "plain"):
                 (tmp_path / folder / f"{split}.{lang}").write_text(text)
     raw = tmp_path / "raw"
-    preprocess.main(options.get_preprocessing_parser().parse_args([
-        "--source-lang", "de", "--target-lang", "en", "--trainpref", str(raw / "train"), "--validpref",
-        str(raw / "valid"), "--testpref", str(raw / "test"), "--destdir", str(tmp_path / "data-bin"),
-        "--workers", "1"]))  # fmt: skip
+    preprocess_parallel([raw / "train", raw / "valid", raw / "test"], tmp_path / "data-bin", langs=("de", "en"))
     models = ["fairseq lstm_wiseman_iwslt_de_en", "group_rnnsearch_iwslt, groups 2"]
     out = tmp_path / "report"
     translation_report.main([str(tmp_path), "--models", *models, "--updates", "2", "--bootstrap-samples", "10",
                              "--save-root", str(tmp_path / "runs"), "--out", str(out)])  # fmt: skip
-    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    rows = json.loads(open(f"{out}.json").read())["rows"]
     assert [r["model"] for r in rows] == models
     assert [r["recurrent_params"] for r in rows] == [1314816, 5259264]
     assert rows[0]["p"] is None and 0 <= rows[1]["p"] <= 1
     assert all(r["valid_bits"] > 0 and r["attention_peak"] is not None for r in rows)
-    table = (tmp_path / "report.md").read_text().splitlines()
+    table = open(f"{out}.md").read().splitlines()
     assert table[2].startswith("| fairseq lstm_wiseman_iwslt_de_en | 1.31M |") and "| baseline |" in table[2]
     assert table[3].startswith("| group_rnnsearch_iwslt, groups 2 | 5.26M |")
