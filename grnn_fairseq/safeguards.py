@@ -16,12 +16,22 @@ fairseq handles; it only changes what happens where fairseq would crash or corru
   fairseq fails inside torch.cuda or torch_xla.
 * ``options.parse_args_and_arch``: on a CUDA machine without torch_xla, ``--bf16`` (without ``--tpu``) trains in
   bfloat16 on the GPU instead of turning on ``--tpu``.
+* At exit, :func:`stop_prefetch_threads` lets fairseq's data prefetch threads finish the batch in hand before
+  the interpreter finalizes. fairseq-train collates batches ahead in a daemon thread (``BufferedIterator``,
+  ``--data-buffer-size``); CPython 3.11 ends a daemon thread that returns from C code during finalization with
+  ``pthread_exit``, whose forced unwinding through torch's C++ frames calls ``std::terminate``: the process
+  dies with SIGABRT ("terminate called without an active exception") after "done training", with fairseq's
+  own models too. On a busy 2-core machine a 2-update run died so in one run of three.
 """
 
+import atexit
 import functools
 import os
 import pickle
+import queue
 import sys
+import threading
+import time
 import zipfile
 from typing import Optional
 
@@ -169,6 +179,23 @@ def _checked_trainer_init(init):
     return __init__
 
 
+def stop_prefetch_threads(timeout: float = 30.0) -> None:
+    """Stop fairseq's live ``BackgroundConsumer`` threads: each finishes the batch it is collating, puts it, and
+    returns (its limit is set to the batches it has put); the queue is drained so that no put blocks."""
+    from fairseq.data.iterators import BackgroundConsumer
+
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if not isinstance(thread, BackgroundConsumer) or not thread.is_alive():
+            continue
+        thread._max_len = 0  # run() breaks after its next put
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:
+                thread._queue.get(timeout=0.01)
+            except queue.Empty:
+                pass
+
+
 def install() -> None:
     """Install the wrappers (idempotent: importing the plugin twice wraps nothing twice)."""
     if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "grnn_checked", False):
@@ -180,6 +207,9 @@ def install() -> None:
     if not getattr(options.parse_args_and_arch, "grnn_checked", False):
         options.parse_args_and_arch = _bf16_on_gpu(options.parse_args_and_arch)
     install_cli_errors()
+    if not getattr(install, "exit_handler", False):
+        atexit.register(stop_prefetch_threads)
+        install.exit_handler = True
 
 
 def check_dictionary_sizes(state_dict, expected) -> None:

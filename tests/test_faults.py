@@ -8,6 +8,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -159,6 +160,43 @@ def test_checkpoint_copies_are_atomic(tmp_path):
 
     assert PathManager.copy(str(src), str(dst), overwrite=True)
     assert dst.read_bytes() == src.read_bytes() and not (tmp_path / "checkpoint_last.pt.tmp").exists()
+
+# fairseq-train's data prefetch thread, busy in torch's C++ code as the interpreter finalizes
+EXIT_WHILE_PREFETCHING = """
+import time
+
+import torch
+
+import grnn_fairseq  # noqa: F401  (installs the exit handler)
+from fairseq.data.iterators import BufferedIterator
+
+class Batches:
+    def __len__(self):
+        return 1000
+
+    def __iter__(self):
+        ids = torch.ones(20_000_000, dtype=torch.int32)
+        for _ in range(1000):
+            yield ids.long()  # C++ with the GIL released, tens of ms: where the exit finds the thread
+
+batches = BufferedIterator(100, Batches())
+next(batches)
+time.sleep(0.01)
+print("exiting")
+"""
+
+
+def test_exit_while_the_prefetch_thread_collates(tmp_path):
+    """A process that imported the plugin exits cleanly while fairseq's BufferedIterator thread is inside a torch
+    op (without the plugin's exit handler CPython 3.11 aborts it: "terminate called without an active
+    exception", exit code 134, as fairseq-train did after "done training" in one run of three on a busy
+    machine)."""
+    script = tmp_path / "exit_while_prefetching.py"
+    script.write_text(EXIT_WHILE_PREFETCHING)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout == "exiting\n", (proc.returncode, proc.stderr[-2000:])
+
 
 
 # --- a checkpoint loaded with another dictionary -----------------------------------------------------------
