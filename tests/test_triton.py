@@ -36,22 +36,16 @@ def interpreter(request, monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the Triton kernels' launches by kernel name ("forward", "backward")."""
+    """Counts the Triton kernels' launches by kernel name ("forward", "backward"), through Triton's JIT or
+    straight through a compiled variant's launcher."""
     counts = {"forward": 0, "backward": 0}
-    real = triton_step._kernel
+    real = triton_step.StepLauncher.__call__
 
-    class Counted:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
+    def counted(self, key, t, make_args):
+        counts[self.kernel.fn.__name__.split("_")[1]] += 1  # _forward_kernel -> forward
+        return real(self, key, t, make_args)
 
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                counts[self.name] += 1
-                return self.kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(triton_step, "_kernel", lambda name, interpreted: Counted(name, real(name, interpreted)))
+    monkeypatch.setattr(triton_step.StepLauncher, "__call__", counted)
     return counts
 
 
@@ -243,6 +237,92 @@ def test_every_step_runs_on_the_kernels(launches):
     with torch.no_grad(), backend.use(step="triton"):
         fused_group_lstm_direction(*tensors, True, lengths, rmask)
     assert launches["forward"] == 10
+
+
+@pytest.fixture
+def direct_launches(monkeypatch):
+    """StepLauncher's direct launches on CPU tensors: Triton's JIT launch is the interpreter's, returning a
+    stand-in for the compiled variant whose launcher runs the interpreter on the arguments it is given (by
+    position, as Triton's compiled launcher takes them). Counts the launches of each kind."""
+    counts = {"jit": 0, "direct": 0}
+    real = triton_step._kernel
+
+    class Compiled:  # what a CUDA JIT launch returns: .run, .function, .packed_metadata
+        function, packed_metadata = "function", "metadata"
+
+        def __init__(self, kernel, options):
+            self.kernel, self.options = kernel, options
+
+        def run(self, g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args):
+            assert (stream, function, packed_metadata) == ("stream", "function", "metadata")
+            assert launch_metadata is None and enter_hook is None and exit_hook is None
+            counts["direct"] += 1
+            named = dict(zip(triton_step._parameters(self.kernel.fn), args))
+            self.kernel[(g0, g1, g2)](**named, **self.options)
+
+    class Jit:
+        def __init__(self, name, interpreted):
+            self.kernel = real(name, interpreted)
+            self.fn = self.kernel.fn
+
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                counts["jit"] += 1
+                options = {k: v for k, v in kwargs.items() if k not in triton_step._parameters(self.fn)}
+                self.kernel[grid](**kwargs)
+                return Compiled(self.kernel, options)
+
+            return launch
+
+    monkeypatch.setattr(triton_step, "_kernel", Jit)
+    monkeypatch.setattr(triton_step, "_direct_launch_supported", lambda device: True)
+    monkeypatch.setattr(triton_step, "_current_stream", lambda device: "stream")
+    monkeypatch.setitem(triton_step._DIRECT_LAUNCH, "broken", None)
+    return counts
+
+
+@pytest.mark.parametrize("final_only", [False, True], ids=["output", "final-state"])
+def test_direct_launches_match_jit_launches(direct_launches, final_only):
+    """After the first launch of each argument set, a loop's steps call the compiled variant's launcher with
+    the bound arguments, t replaced: the same outputs and gradients as launching every step through the JIT
+    (padding, recurrent dropout, final-state gradients entering mid-loop, which switch the output gradient to
+    the step's own copy)."""
+    tensors, lengths, rmask = layer_case(5, 3, 8, 16, 2, padded=True, dropout=True)
+    got = run_layer("triton", tensors, True, lengths, rmask, final_only=final_only)
+    counts = dict(direct_launches)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(triton_step, "_direct_launch_supported", lambda device: False)
+        want = run_layer("triton", tensors, True, lengths, rmask, final_only=final_only)
+    assert_close(got, want, 0.0)
+    # forward: 1 JIT launch, then 4 direct; backward: its first step (no step t+1), the second (the first with
+    # one) and the last product (dr_0) through the JIT, the other 3 steps direct
+    assert counts == {"jit": 4, "direct": 7}
+
+
+def test_direct_launches_follow_the_installed_triton():
+    """The convention StepLauncher repeats is the installed Triton's: its JIT launch passes the compiled
+    variant's launcher the grid, the stream, the variant's function and metadata, the launch metadata and hooks,
+    then every bound argument in parameter order; direct launches are off on CPU tensors and while a launch
+    hook is set."""
+    import inspect
+
+    from triton.runtime.jit import JITFunction
+
+    source = " ".join(inspect.getsource(JITFunction.run).split())
+    assert ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, "
+            "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())") in source
+    cuda = torch.device("cuda", 0)
+    assert triton_step._direct_launch_supported(cuda) and not triton_step._direct_launch_supported(torch.device("cpu"))
+    hooks = triton.knobs.runtime.launch_enter_hook
+
+    def hook(metadata):
+        pass
+
+    hooks.add(hook)
+    try:
+        assert not triton_step._direct_launch_supported(cuda)
+    finally:
+        hooks.remove(hook)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -497,6 +577,27 @@ def test_cuda_loop_graphs_match_eager(dtype):
         got = run_layer("triton", tensors, True, lengths, rmask, graphs=True)
         assert_close(got, want, 1e-6, relative=True)
     assert len(triton_step.LOOP_GRAPHS.graphs) == 2  # the forward and the backward loop
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_direct_launches_match_jit_launches(monkeypatch):
+    """On the GPU, a layer whose steps call the compiled variants' launchers directly gives the same outputs
+    and gradients, to the bit, as one whose every step launches through Triton's JIT."""
+    direct = []
+    real = triton_step.StepLauncher.__call__
+
+    def counted(self, key, t, make_args):
+        direct.append(self.direct and key in self.variants)
+        return real(self, key, t, make_args)
+
+    monkeypatch.setattr(triton_step.StepLauncher, "__call__", counted)
+    tensors, lengths, rmask = layer_case(7, 24, 32, 64, 4, torch.bfloat16, "cuda", padded=True, dropout=True)
+    got = run_layer("triton", tensors, True, lengths, rmask)
+    assert sum(direct) >= 10 and triton_step._DIRECT_LAUNCH["broken"] is None, (direct, triton_step._DIRECT_LAUNCH)
+    monkeypatch.setattr(triton_step, "_direct_launch_supported", lambda device: False)
+    want = run_layer("triton", tensors, True, lengths, rmask)
+    assert_close(got, want, 0.0)
 
 
 @pytest.mark.cuda

@@ -36,6 +36,7 @@ measurement.
 import collections
 import dataclasses
 import functools
+import inspect
 import logging
 import threading
 from typing import Callable, Dict, Optional, Set, Tuple
@@ -226,6 +227,79 @@ def _kernel(name: str, interpreted: bool):
     return triton.JITFunction(fn, do_not_specialize=_NOT_SPECIALIZED)
 
 
+def _direct_launch_supported(device: torch.device) -> bool:
+    """Whether ``StepLauncher`` may call compiled kernels' launchers itself: a CUDA device, a Triton with
+    ``knobs.runtime`` (whose ``JITFunction.run`` passes the launcher every bound argument, constexprs included, in
+    parameter order, as ``tests/test_triton.py`` checks of the Triton installed) and no launch hook set (a
+    profiler's hooks see JIT launches only; Triton's hooks are chains, empty when none is set, or None)."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if device.type != "cuda" or runtime is None:
+        return False
+    hooks = (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None))
+    return all(hook is None or getattr(hook, "calls", None) == [] for hook in hooks)
+
+
+def _current_stream(device: torch.device) -> int:
+    """The raw handle of the device's current CUDA stream, as Triton's JIT launch takes it."""
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+_DIRECT_LAUNCH = {"broken": None}  # the error of a failed direct launch: later calls launch through the JIT
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(fn) -> Tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
+
+
+class StepLauncher:
+    """Launches one kernel for every step of one loop of one call.
+
+    On a GPU, Triton's JIT launch (``kernel[grid](...)``) binds the arguments, derives each one's
+    specialization, builds the variant's cache key and looks it up before it calls the compiled variant's
+    launcher: host work that outweighs a step at these sizes (hidden 1024, K=1, T=35, bfloat16 on an H200 with
+    Triton 3.6: an eager forward call 2.27 ms, the same kernels replayed as one CUDA graph 0.70 ms). Within
+    a loop every launch of one kind has the same arguments except the step index ``t``, which Triton does not
+    specialize on (``_NOT_SPECIALIZED``), so the variant the first launch found serves them all: the first
+    launch of each ``key`` (the caller's name for an argument set) goes through the JIT, which returns the
+    compiled variant, and the later ones call its launcher with the bound arguments, ``t`` replaced. On the
+    interpreter (CPU tensors), under a launch hook, or on a Triton without ``knobs.runtime``, every launch goes
+    through the JIT.
+    """
+
+    def __init__(self, kernel, grid: Tuple[int, int, int], options: dict, device: torch.device):
+        self.kernel, self.grid = kernel, grid
+        self.params = _parameters(kernel.fn)
+        self.t_index = self.params.index("t")
+        self.options = options  # Triton's launch options (num_warps), not kernel arguments
+        self.device = device
+        self.direct = _direct_launch_supported(device)
+        self.variants: Dict[object, Tuple[object, list]] = {}  # key -> (compiled variant, bound arguments)
+
+    def __call__(self, key, t: int, make_args: Callable[[], dict]) -> None:
+        """Launch for step ``t``; ``make_args()``: every kernel argument by name (``t`` included), called only
+        where the JIT launches."""
+        variant = self.variants.get(key) if self.direct and _DIRECT_LAUNCH["broken"] is None else None
+        if variant is None:
+            self._jit_launch(key, make_args())
+            return
+        compiled, values = variant
+        values[self.t_index] = t
+        try:
+            compiled.run(*self.grid, _current_stream(self.device), compiled.function, compiled.packed_metadata,
+                         None, None, None, *values)  # fmt: skip
+        except (AttributeError, TypeError) as e:  # a Triton whose launcher takes other arguments
+            _DIRECT_LAUNCH["broken"] = e
+            logger.warning("Triton step: launching compiled kernels directly failed (%r); every step launches "
+                           "through Triton's JIT from now on", e)  # fmt: skip
+            self._jit_launch(key, make_args())
+
+    def _jit_launch(self, key, args: dict) -> None:
+        compiled = self.kernel[self.grid](**args, **self.options)
+        if self.direct and compiled is not None:
+            self.variants[key] = (compiled, [args[name] for name in self.params])
+
+
 # ------------------------------------------------------------------------------------------- tile sizes
 
 
@@ -359,6 +433,7 @@ class TritonStep(Step):
             _check(b.w_hh, "w_hh", (K, G4, Hk), dt, dev)
             self.kernel = _kernel("forward", not x.is_cuda)
             self.grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
+            self.launch = StepLauncher(self.kernel, self.grid, {"num_warps": tiles.forward_warps}, dev)
             self.w_t = b.w_hh.transpose(1, 2).contiguous()  # K x 4H/K x H/K -> K x H/K x 4H/K
             self.G = _group_views(b.G, T, B, G4)  # K x T x B x 4H/K
             # R[:, 1:] and C[:, 1:]: step t writes h_t and c_t at index t of these views
@@ -366,7 +441,7 @@ class TritonStep(Step):
             self.strides = ((T + 1) * B * Hk, (T + 1) * B * Hk)  # group strides of R and C
             self.flags = {**common, "SAVE": b.Q is not None, "HAS_PRODUCT": True, "HAS_OUT": True,
                           "SCALE_G": False, "BLOCK_B": tiles.BLOCK_B, "BLOCK_J": tiles.BLOCK_J,
-                          "BLOCK_U": tiles.BLOCK_U, "num_warps": tiles.forward_warps}  # fmt: skip
+                          "BLOCK_U": tiles.BLOCK_U}  # fmt: skip
         else:
             _check(b.DG, "DG", (K, T, B, G4), dt, dev)
             _check(b.d_out, "output gradient", (T, B, K * Hk), dt, dev)
@@ -374,24 +449,32 @@ class TritonStep(Step):
             _check(self.w, "w_hh", (K, G4, Hk), dt, dev)
             self.kernel = _kernel("backward", not x.is_cuda)
             self.grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_R))
+            self.launch = StepLauncher(self.kernel, self.grid, {"num_warps": tiles.backward_warps}, dev)
             self.dc_r = torch.zeros(K, B, Hk, dtype=state, device=dev)  # dc_t in r order
             self.dy = b.d_out  # T x B x H, or a float32 copy once a final state's gradient is added
             self.dy_own = False
-            self.flags = {**common, "BLOCK_B": tiles.BLOCK_B, "BLOCK_R": tiles.BLOCK_R, "BLOCK_N": tiles.BLOCK_N,
-                          "num_warps": tiles.backward_warps}  # fmt: skip
+            self.flags = {**common, "BLOCK_B": tiles.BLOCK_B, "BLOCK_R": tiles.BLOCK_R, "BLOCK_N": tiles.BLOCK_N}
 
     def forward_step(self, t: int) -> None:
-        self.kernel[self.grid](*self.args, t, *self.sizes, *self.strides, **self.flags)
+        self.launch("forward", t, lambda: {**self._named(*self.args, t, *self.sizes, *self.strides), **self.flags})
+
+    def _named(self, *args) -> dict:
+        """The kernel's leading positional arguments by name."""
+        return dict(zip(self.launch.params, args))
 
     def _launch_backward(self, t: int, pointwise: bool, dr: Optional[Tensor]) -> None:
-        b = self.buf
         T, B, K, Hk = self.sizes
-        has_dy = self.dy is not None
-        self.kernel[self.grid](
-            b.DG, self.w, b.Q, b.QC, b.F, self.dc_r, self.dy if has_dy else None, b.rm, dr,
-            t, T, B, K, Hk, B * K * Hk, K * Hk, Hk,  # dy: T x B x H, element [t, b, k, j]
-            HAS_NEXT=t + 1 < T, POINTWISE=pointwise, HAS_DY=has_dy, **self.flags,
-        )  # fmt: skip
+        has_next = t + 1 < T
+
+        def args():
+            b, has_dy = self.buf, self.dy is not None
+            return {**self._named(
+                b.DG, self.w, b.Q, b.QC, b.F, self.dc_r, self.dy if has_dy else None, b.rm, dr,
+                t, T, B, K, Hk, B * K * Hk, K * Hk, Hk,  # dy: T x B x H, element [t, b, k, j]
+            ), "HAS_NEXT": has_next, "POINTWISE": pointwise, "HAS_DY": has_dy, **self.flags}  # fmt: skip
+
+        # every argument but t is the same for launches of one key (dy changes once, when _own_dy copies it)
+        self.launch((has_next, pointwise, self.dy_own, dr is None), t, args)
 
     def _own_dy(self) -> Tensor:
         """The output gradient as a float32 copy of this step's own (zeros without one), which final-state
@@ -620,12 +703,14 @@ class TritonCellFunction(torch.autograd.Function):
         tiles = _tiles(gates, B, K, Hk)
         grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
         # one step (T = 1, t = 0) of the forward kernel: gates as G, h_t into h, c_t into c_new
-        _kernel("forward", not gates.is_cuda)[grid](
-            z, None, h, None, None, c, c_new, Q, QC, F, None, 0, 1, B, K, Hk, B * Hk, B * Hk,
-            SHUFFLE=False, SAVE=save, HAS_RM=False, HAS_PRODUCT=False, HAS_OUT=False, SCALE_G=True,
-            BLOCK_B=tiles.BLOCK_B, BLOCK_J=tiles.BLOCK_J, BLOCK_U=tiles.BLOCK_U, num_warps=tiles.forward_warps,
-            **_dot_options(gates),
-        )  # fmt: skip
+        launch = StepLauncher(_kernel("forward", not gates.is_cuda), grid, {"num_warps": tiles.forward_warps},
+                              gates.device)  # fmt: skip
+        launch("cell", 0, lambda: {
+            **dict(zip(launch.params, (z, None, h, None, None, c, c_new, Q, QC, F, None, 0, 1, B, K, Hk, B * Hk,
+                                       B * Hk))),
+            "SHUFFLE": False, "SAVE": save, "HAS_RM": False, "HAS_PRODUCT": False, "HAS_OUT": False, "SCALE_G": True,
+            "BLOCK_B": tiles.BLOCK_B, "BLOCK_J": tiles.BLOCK_J, "BLOCK_U": tiles.BLOCK_U, **_dot_options(gates),
+        })  # fmt: skip
         if save:
             ctx.save_for_backward(Q, QC, F)
             ctx.dtypes = (gates.dtype, c.dtype)
@@ -645,12 +730,12 @@ class TritonCellFunction(torch.autograd.Function):
         tiles = _tiles(dgates, B, K, Hk)
         grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_R))
         # one step (T = 1, t = 0) of the backward kernel without a product: dh (K x B x H/K) as the output gradient
-        _kernel("backward", not Q.is_cuda)[grid](
-            dgates, None, Q, QC, F, dc, dh, None, None, 0, 1, B, K, Hk, 0, Hk, B * Hk,
-            SHUFFLE=False, HAS_NEXT=False, POINTWISE=True, HAS_DY=dh is not None, HAS_RM=False,
-            BLOCK_B=tiles.BLOCK_B, BLOCK_R=tiles.BLOCK_R, BLOCK_N=tiles.BLOCK_N, num_warps=tiles.backward_warps,
-            **_dot_options(dgates),
-        )  # fmt: skip
+        launch = StepLauncher(_kernel("backward", not Q.is_cuda), grid, {"num_warps": tiles.backward_warps}, Q.device)
+        launch("cell", 0, lambda: {
+            **dict(zip(launch.params, (dgates, None, Q, QC, F, dc, dh, None, None, 0, 1, B, K, Hk, 0, Hk, B * Hk))),
+            "SHUFFLE": False, "HAS_NEXT": False, "POINTWISE": True, "HAS_DY": dh is not None, "HAS_RM": False,
+            "BLOCK_B": tiles.BLOCK_B, "BLOCK_R": tiles.BLOCK_R, "BLOCK_N": tiles.BLOCK_N, **_dot_options(dgates),
+        })  # fmt: skip
         return dgates, dc.to(c_dtype)
 
 
