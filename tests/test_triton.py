@@ -370,6 +370,21 @@ def test_loop_graph_buffers_match_eager(final_only):
     assert triton_step.LOOP_GRAPHS.seen and not triton_step.LOOP_GRAPHS.graphs  # nothing is captured on CPU
 
 
+def test_loop_graphs_decide_per_key():
+    """On CUDA a key's first occurrence runs eagerly on the call's own buffers; the second goes through the graph's
+    buffers (its capture is due), as does every call once a graph is held, unless its capture failed; on CPU
+    every call goes through them. The occurrence counts keep the most recent max_seen keys."""
+    graphs = triton_step.LoopGraphs(max_graphs=2, max_seen=3)
+    assert [graphs.begin("a", cuda=True) for _ in range(3)] == [False, True, True]
+    graphs.failed.add("b")
+    assert [graphs.begin("b", cuda=True) for _ in range(2)] == [False, False]
+    graphs.graphs["c"] = ("step", "graph")
+    assert graphs.begin("c", cuda=True)
+    assert graphs.begin("d", cuda=False)
+    assert list(graphs.seen) == ["b", "c", "d"]  # "a", the least recently seen, dropped
+    assert not graphs.begin("a", cuda=True)
+
+
 def test_step_kind_resolution(monkeypatch):
     """auto takes Triton for CUDA tensors of float32, bfloat16 and float16 only; an explicit "triton" takes CPU
     tensors only on the interpreter, never float64 (PyTorch operations run those)."""

@@ -504,6 +504,8 @@ class TritonStep(Step):
             return super().forward_loop()
         b = self.buf
         key = ("forward", self.sizes, tuple(sorted(self.flags.items())), b.Q is not None, b.x.dtype, b.x.device)
+        if not LOOP_GRAPHS.begin(key, b.x.is_cuda):
+            return super().forward_loop()
 
         def make():  # the graph's own buffers, of this call's shapes
             own = StepBuffers(x=_stand_in(b.x), K=b.K, T=b.T, B=b.B, Hk=b.Hk, shuffle=b.shuffle,
@@ -535,6 +537,12 @@ class TritonStep(Step):
             return super().backward_loop(ends, dhn, dcn)
         b = self.buf
         T, B, K, Hk = self.sizes
+        # the output gradient's dtype in the loop: float32 once dh_n entered (below), and whether DC is made
+        dy_dtype = torch.float32 if dhn is not None else None if self.dy is None else self.dy.dtype
+        key = ("backward", self.sizes, tuple(sorted(self.flags.items())), dy_dtype, dcn is not None, b.x.dtype,
+               b.x.device)  # fmt: skip
+        if not LOOP_GRAPHS.begin(key, b.x.is_cuda):
+            return super().backward_loop(ends, dhn, dcn)
         # The final states' gradients enter at each row's last step: dh_n into a float32 copy of the output
         # gradient, dc_n through DC (T x K x B x H/K, h order), added to dc before each step's launch.
         # rows: the n rows with a last step (ends[0], the empty ones, are the caller's), at: that step.
@@ -549,9 +557,7 @@ class TritonStep(Step):
             DC = torch.zeros(T, K, B, Hk, dtype=torch.float32, device=b.x.device)
             dc = dcn.transpose(0, 1).index_select(0, rows).float()  # K x B x H/K -> n x K x H/K
             DC.permute(0, 2, 1, 3).index_put_((at, rows), dc)  # T x B x K x H/K view
-        dy_dtype = None if self.dy is None else self.dy.dtype
-        key = ("backward", self.sizes, tuple(sorted(self.flags.items())), dy_dtype, DC is not None, b.x.dtype,
-               b.x.device)  # fmt: skip
+        assert dy_dtype == (None if self.dy is None else self.dy.dtype)
 
         def make():  # the graph's own buffers, of this call's shapes (R only for the checks: backward reads none)
             own = StepBuffers(x=_stand_in(b.x), K=K, T=T, B=B, Hk=Hk, shuffle=b.shuffle, R=b.R,
@@ -613,34 +619,46 @@ class LoopGraphs:
 
     A graph runs on buffers of its own, made for one key (the loop's direction, sizes, dtypes and flags):
     ``run`` copies the call's inputs into them, replays, and copies the results out, so that any number of
-    calls (layers, directions, a forward not yet differentiated) can share it. A key is captured the second
-    time it occurs (the first runs eagerly: a shape seen once never pays for a capture); at most ``max_graphs``
-    keys are held, the least recently used dropped first; a key whose capture fails stays eager (logged). On
-    CPU tensors (Triton's interpreter, the tests) the loop runs eagerly on the graph's buffers, copies included.
+    calls (layers, directions, a forward not yet differentiated) can share it. ``begin`` counts a key's
+    occurrences and says whether the call goes through the graph's buffers: on CUDA only once a graph is held
+    or its capture is due, the second time the key occurs; the first occurrence runs eagerly on the call's own
+    buffers, without copies, so a shape seen once costs nothing. At most ``max_graphs`` graphs and
+    ``max_seen`` counts are held, the least recently used dropped first; a key whose capture fails stays eager
+    (logged). On CPU tensors (Triton's interpreter, the tests) every call runs eagerly on the graph's buffers,
+    copies included, and nothing is captured.
     """
 
-    def __init__(self, max_graphs: int = 32):
-        self.max_graphs = max_graphs
+    def __init__(self, max_graphs: int = 32, max_seen: int = 4096):
+        self.max_graphs, self.max_seen = max_graphs, max_seen
         self.lock = threading.Lock()
-        self.seen: Dict[tuple, int] = {}
+        self.seen: "collections.OrderedDict[tuple, int]" = collections.OrderedDict()
         self.failed: Set[tuple] = set()
         self.captured = 0  # graphs captured so far
         self.graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
+    def begin(self, key: tuple, cuda: bool) -> bool:
+        """Counts an occurrence of ``key``; True: run the call with ``run``, False: eagerly on its own buffers."""
+        with self.lock:
+            seen = self.seen[key] = self.seen.get(key, 0) + 1
+            self.seen.move_to_end(key)
+            while len(self.seen) > self.max_seen:
+                self.seen.popitem(last=False)
+            return not cuda or key in self.graphs or (seen >= 2 and key not in self.failed)
+
     def run(self, key: tuple, make: Callable, copy_in: Callable, copy_out: Callable, cuda: bool) -> None:
-        """make() -> (step, loop): a step over buffers of its own and the loop over them; copy_in(step),
+        """After ``begin`` said so: replay the key's graph, or capture it (on CUDA) after an eager run on its
+        buffers. make() -> (step, loop): a step over buffers of its own and the loop over them; copy_in(step),
         copy_out(step): the call's inputs into them and its results out."""
         with self.lock:
             entry = self.graphs.get(key)
             if entry is not None:
                 self.graphs.move_to_end(key)
-            seen = self.seen[key] = self.seen.get(key, 0) + 1
         if entry is None:
             step, loop = make()
             copy_in(step)
             loop()  # eagerly: it compiles the kernels, and it is the result of this call
             copy_out(step)
-            if seen < 2 or not cuda or key in self.failed:
+            if not cuda:
                 return
             graph = torch.cuda.CUDAGraph()
             try:  # on a side stream of its own, the eager loop having warmed everything up; thread_local: work
