@@ -14,12 +14,14 @@ attention to the output) the same budget gives 3.58 bits against the blind twin'
 0.44; with it 0.05 bits against 3.45, peak 0.93 (Intel Xeon, 2026-11-30).
 """
 
+import os
 import random
+import sys
 
-import pytest
-import torch
+from conftest import ROOT, USER_DIR, fairseq_train_in_process, preprocess_parallel
 
-from conftest import USER_DIR, fairseq_train_in_process, preprocess_parallel
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import translation_report  # noqa: E402  (scripts/: the translation report's source_use)
 
 N_NOUNS, N_ADJS, N_VERBS = 150, 40, 40
 MODEL_FLAGS = [
@@ -91,24 +93,13 @@ def train(data, save_dir):
 
 def valid_loss_and_attention(data, checkpoint):
     """Mean cross-entropy (bits per target token) of the valid split, and the mean over target tokens of the
-    largest attention weight (1 / source length when attention is spread evenly)."""
+    largest attention weight (1 / source length when attention is spread evenly): the translation report's
+    measure (scripts/translation_report.py, source_use)."""
     from fairseq import checkpoint_utils
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)], arg_overrides={"data": str(data)})
-    model = models[0].eval()
-    task.load_dataset("valid")
-    itr = task.get_batch_iterator(task.dataset("valid"), max_sentences=64).next_epoch_itr(shuffle=False)
-    nll, tokens, peak = 0.0, 0, 0.0
-    with torch.no_grad():
-        for sample in itr:
-            logits, attn = model(**sample["net_input"])  # B x T x V, B x T x S
-            lprobs = model.get_normalized_probs((logits, attn), log_probs=True)
-            target = sample["target"]
-            keep = target.ne(task.target_dictionary.pad())  # B x T
-            nll -= lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[keep].sum().item()
-            tokens += keep.sum().item()
-            peak += attn.max(-1).values[keep].sum().item()
-    return nll / tokens / torch.log(torch.tensor(2.0)).item(), peak / tokens
+    use = translation_report.source_use(models[0].eval(), task)
+    return use["valid_bits"], use["attention_peak"]
 
 
 def test_the_model_uses_its_source(tmp_path):
