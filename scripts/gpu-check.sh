@@ -9,7 +9,7 @@
 #      out listed in the JSON
 #   3. UPDATES (200) updates of fairseq-train --bf16 on Ding De-En: fairseq's lstm_wiseman_iwslt_de_en (the sizes
 #      of scripts/benchmark_models.py, decoder 512), group_rnnsearch_iwslt with 4 groups and the translation
-#      recipe's decoder flags (RECIPE, as scripts/translation_report.py trains it), and the same with
+#      recipe's decoder flags (OURS of scripts/translation_report.py, read from it), and the same with
 #      --grnn-cuda-graphs, words per second, one run each (fairseq 0.12 reads --bf16 as --tpu; the plugin keeps
 #      it on the GPU where there is no torch_xla: grnn_fairseq/safeguards.py). fairseq needs numpy < 2: where
 #      the machine's compiled packages refuse numpy 1, its numpy 2 runs with numpy.compat.long put back.
@@ -53,9 +53,6 @@ NUMPY1=/tmp/gpu-check-numpy1  # numpy < 2 for fairseq 0.12 (numpy.compat)
 SHIM=/tmp/gpu-check-shim  # else: the machine's numpy with numpy.compat.long put back (sitecustomize.py)
 FLASH=/tmp/gpu-check-flash  # FlashRNN, for the benchmark
 STAGE_NAMES=(tests benchmark train-lstm train-group4 train-group4-graphs)  # the summary's and exit status's
-
-# the translation recipe's decoder (docs/translation.md; OURS in scripts/translation_report.py)
-RECIPE=(--decoder-residual --decoder-hidden-size 512 --init-uniform 0.1 --attention-type luong)
 
 log() { echo "[gpu-check $(date +%H:%M:%S)] $*"; }
 die() { echo "[gpu-check] ERROR: $*" >&2; exit 1; }
@@ -264,12 +261,15 @@ checks() {
 
     if [[ " $STAGES " == *" train "* && -f "$DATA/dict.de.txt" ]]; then
         fairseq_path || log "fairseq does not import here: the training runs will fail"
+        # the translation recipe's model flags (docs/translation.md), as the translation report trains them
+        mapfile -t OURS < <("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1])
+from translation_report import OURS; print("\n".join(OURS))' "$ROOT/scripts")
         stage train-lstm train lstm 160 --arch lstm_wiseman_iwslt_de_en --encoder-bidirectional \
             --encoder-layers 2 --encoder-hidden-size 256 --decoder-layers 2 --decoder-hidden-size 512
         stage train-group4 train group4 80 --arch group_rnnsearch_iwslt --encoder-groups 4 --decoder-groups 4 \
-            "${RECIPE[@]}"
+            "${OURS[@]}"
         stage train-group4-graphs train group4-graphs 0 --arch group_rnnsearch_iwslt --encoder-groups 4 \
-            --decoder-groups 4 "${RECIPE[@]}" --grnn-cuda-graphs
+            --decoder-groups 4 "${OURS[@]}" --grnn-cuda-graphs
     elif [[ " $STAGES " == *" train "* ]]; then
         log "no $DATA (bash scripts/prepare-ding-de-en.sh, then carry it): the training runs are skipped"
     fi
