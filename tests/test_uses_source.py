@@ -94,11 +94,8 @@ def train(data, save_dir):
 def valid_loss_and_attention(data, checkpoint):
     """Mean cross-entropy (bits per target token) of the valid split, and the mean over target tokens of the
     largest attention weight (1 / source length when attention is spread evenly): the translation report's
-    measure (scripts/translation_report.py, source_use)."""
-    from fairseq import checkpoint_utils
-
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)], arg_overrides={"data": str(data)})
-    use = translation_report.source_use(models[0].eval(), task)
+    loading and measure (scripts/translation_report.py, load and source_use)."""
+    use = translation_report.source_use(*translation_report.load(str(checkpoint), str(data)))
     return use["valid_bits"], use["attention_peak"]
 
 
