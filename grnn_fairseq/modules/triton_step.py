@@ -267,13 +267,14 @@ class StepLauncher:
     through the JIT.
     """
 
-    def __init__(self, kernel, grid: Tuple[int, int, int], options: dict, device: torch.device):
+    def __init__(self, kernel, grid: Tuple[int, int, int], options: dict, device: torch.device, reuse: bool = True):
+        """reuse: False for a launcher that launches once (the cell's), which never calls a variant directly."""
         self.kernel, self.grid = kernel, grid
         self.params = _parameters(kernel.fn)
         self.t_index = self.params.index("t")
         self.options = options  # Triton's launch options (num_warps), not kernel arguments
         self.device = device
-        self.direct = _direct_launch_supported(device)
+        self.direct = reuse and _direct_launch_supported(device)
         self.variants: Dict[object, Tuple[object, list]] = {}  # key -> (compiled variant, bound arguments)
 
     def __call__(self, key, t: int, make_args: Callable[[], dict]) -> None:
@@ -431,9 +432,8 @@ class TritonStep(Step):
             _check(b.C, "C", (K, T + 1, B, Hk), state, dev)
             _check(b.out, "out", (T, B, K * Hk), dt, dev)
             _check(b.w_hh, "w_hh", (K, G4, Hk), dt, dev)
-            self.kernel = _kernel("forward", not x.is_cuda)
-            self.grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
-            self.launch = StepLauncher(self.kernel, self.grid, {"num_warps": tiles.forward_warps}, dev)
+            grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
+            self.launch = StepLauncher(_kernel("forward", not x.is_cuda), grid, {"num_warps": tiles.forward_warps}, dev)
             self.w_t = b.w_hh.transpose(1, 2).contiguous()  # K x 4H/K x H/K -> K x H/K x 4H/K
             self.G = _group_views(b.G, T, B, G4)  # K x T x B x 4H/K
             # R[:, 1:] and C[:, 1:]: step t writes h_t and c_t at index t of these views
@@ -447,9 +447,9 @@ class TritonStep(Step):
             _check(b.d_out, "output gradient", (T, B, K * Hk), dt, dev)
             self.w = b.w_hh_grad.contiguous()  # K x 4H/K x H/K
             _check(self.w, "w_hh", (K, G4, Hk), dt, dev)
-            self.kernel = _kernel("backward", not x.is_cuda)
-            self.grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_R))
-            self.launch = StepLauncher(self.kernel, self.grid, {"num_warps": tiles.backward_warps}, dev)
+            grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_R))
+            self.launch = StepLauncher(_kernel("backward", not x.is_cuda), grid, {"num_warps": tiles.backward_warps},
+                                       dev)  # fmt: skip
             self.dc_r = torch.zeros(K, B, Hk, dtype=state, device=dev)  # dc_t in r order
             self.dy = b.d_out  # T x B x H, or a float32 copy once a final state's gradient is added
             self.dy_own = False
@@ -722,7 +722,7 @@ class TritonCellFunction(torch.autograd.Function):
         grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
         # one step (T = 1, t = 0) of the forward kernel: gates as G, h_t into h, c_t into c_new
         launch = StepLauncher(_kernel("forward", not gates.is_cuda), grid, {"num_warps": tiles.forward_warps},
-                              gates.device)  # fmt: skip
+                              gates.device, reuse=False)  # fmt: skip
         launch("cell", 0, lambda: {
             **dict(zip(launch.params, (z, None, h, None, None, c, c_new, Q, QC, F, None, 0, 1, B, K, Hk, B * Hk,
                                        B * Hk))),
@@ -748,7 +748,8 @@ class TritonCellFunction(torch.autograd.Function):
         tiles = _tiles(dgates, B, K, Hk)
         grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_R))
         # one step (T = 1, t = 0) of the backward kernel without a product: dh (K x B x H/K) as the output gradient
-        launch = StepLauncher(_kernel("backward", not Q.is_cuda), grid, {"num_warps": tiles.backward_warps}, Q.device)
+        launch = StepLauncher(_kernel("backward", not Q.is_cuda), grid, {"num_warps": tiles.backward_warps}, Q.device,
+                              reuse=False)
         launch("cell", 0, lambda: {
             **dict(zip(launch.params, (dgates, None, Q, QC, F, dc, dh, None, None, 0, 1, B, K, Hk, 0, Hk, B * Hk))),
             "SHUFFLE": False, "HAS_NEXT": False, "POINTWISE": True, "HAS_DY": dh is not None, "HAS_RM": False,
