@@ -16,7 +16,12 @@ from conftest import USER_DIR, fairseq_train_in_process
 
 utils.import_user_module(Namespace(user_dir=USER_DIR))  # what --user-dir does: registers the models
 
-from grnn_fairseq.models.group_rnnsearch import GroupRNNSearchModel, recurrent_parameter_count  # noqa: E402
+from grnn_fairseq.models.group_rnnsearch import (  # noqa: E402
+    GroupRNNSearchModel,
+    attend,
+    attention_mask_bias,
+    recurrent_parameter_count,
+)
 from grnn_fairseq.modules import SRU, FactorizedLSTM, GroupLSTM, GroupLSTMCell  # noqa: E402
 
 VOCAB = 24
@@ -109,6 +114,34 @@ def test_incremental_decoding_equals_full_forward(groups, attention, design):
         logits, attn = model.decoder(prev[order, : t + 1], encoder_out, incremental_state=state)
         step = model.get_normalized_probs((logits, attn), log_probs=True)
         torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("attention", ["bahdanau", "luong"])
+def test_attention_is_the_papers_formula(attention):
+    """Scores, padding mask and context of one decoder step, against the formulas written out per source
+    position: luong s^T W h_j, bahdanau v^T tanh(W_q s + b + W_k h_j); alpha = softmax over the real tokens."""
+    decoder = tiny(1, attention).decoder
+    att = decoder.attention
+    B, S, C, Q = 3, 5, 16, decoder.first_layer_hidden_size
+    g = torch.Generator().manual_seed(0)
+    query, values = torch.randn(B, Q, generator=g, dtype=torch.double), torch.randn(B, S, C, generator=g, dtype=torch.double)
+    padding = torch.zeros(S, B, dtype=torch.bool)
+    padding[:2, 1] = True  # sentence 1 is left padded by 2
+    bias = attention_mask_bias(padding, values.dtype)
+    context, weights = attend(att.scores(query, att.project_keys(values), bias), values)
+
+    expected = torch.empty(B, S, dtype=torch.double)
+    for b in range(B):
+        for j in range(S):
+            if attention == "luong":
+                expected[b, j] = query[b] @ att.key_proj.weight @ values[b, j]
+            else:
+                hidden = att.query_proj.weight @ query[b] + att.query_proj.bias + att.key_proj.weight @ values[b, j]
+                expected[b, j] = att.v.weight[0] @ torch.tanh(hidden)
+    expected = expected.masked_fill(padding.t(), float("-inf")).softmax(-1)
+    torch.testing.assert_close(weights, expected, rtol=0, atol=1e-6)  # the softmax is taken in float32
+    assert torch.all(weights[1, :2] == 0)
+    torch.testing.assert_close(context, torch.einsum("bs,bsc->bc", weights, values), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("groups", [1, 4])

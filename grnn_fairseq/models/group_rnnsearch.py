@@ -190,12 +190,12 @@ class BahdanauAttention(nn.Module):
         self.v = nn.Linear(attention_dim, 1, bias=False)  # a dot product per key: nothing for oneDNN to gain
 
     def project_keys(self, keys: Tensor) -> Tensor:
-        """keys S x B x C -> S x B x A; computed once per sentence and cached while decoding."""
+        """keys B x S x C -> B x S x A; computed once per sentence and cached while decoding."""
         return self.key_proj(keys)
 
-    def scores(self, query: Tensor, projected_keys: Tensor) -> Tensor:
-        """query B x Q, projected keys S x B x A -> S x B."""
-        return self.v(tanh(projected_keys + self.query_proj(query).unsqueeze(0))).squeeze(-1)
+    def scores(self, query: Tensor, projected_keys: Tensor, mask_bias: Tensor) -> Tensor:
+        """query B x Q, projected keys B x S x A, mask_bias B x S x 1 (0 or -inf) -> masked scores B x S x 1."""
+        return self.v(tanh(projected_keys + self.query_proj(query).unsqueeze(1))) + mask_bias
 
 
 class LuongAttention(nn.Module):
@@ -206,23 +206,30 @@ class LuongAttention(nn.Module):
         self.key_proj = Linear(key_dim, query_dim, bias=False)
 
     def project_keys(self, keys: Tensor) -> Tensor:
-        """keys S x B x C -> W k, S x B x Q."""
+        """keys B x S x C -> W k, B x S x Q."""
         return self.key_proj(keys)
 
-    def scores(self, query: Tensor, projected_keys: Tensor) -> Tensor:
-        """query B x Q, projected keys S x B x Q -> S x B."""
-        return (projected_keys * query.unsqueeze(0)).sum(-1)
+    def scores(self, query: Tensor, projected_keys: Tensor, mask_bias: Tensor) -> Tensor:
+        """query B x Q, projected keys B x S x Q, mask_bias B x S x 1 (0 or -inf) -> masked scores B x S x 1:
+        one batched product with the mask as its addend: one kernel forward and two backward, where a product,
+        a sum and masking take three and four."""
+        return torch.baddbmm(mask_bias, projected_keys, query.unsqueeze(2))  # B x S x Q @ B x Q x 1
 
 
-def attend(scores: Tensor, values: Tensor, padding_mask: Tensor) -> Tuple[Tensor, Tensor]:
-    """Softmax over the source and weighted sum. scores S x B, values B x S x C (batch first: one bmm), mask S x B.
+def attention_mask_bias(padding_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """padding_mask S x B (True at padding) -> B x S x 1 of 0 and -inf, added to the scores before the softmax."""
+    mask = padding_mask.t().unsqueeze(2)  # S x B -> B x S x 1
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
-    Returns the context B x C and the weights S x B.
+
+def attend(scores: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
+    """Softmax over the source (in float32) and weighted sum. scores B x S x 1 (masked), values B x S x C.
+
+    Returns the context B x C and the weights B x S.
     """
-    scores = scores.float().masked_fill(padding_mask, float("-inf"))
-    weights = F.softmax(scores, dim=0).type_as(values)  # S x B
-    context = torch.bmm(weights.t().unsqueeze(1), values).squeeze(1)  # B x 1 x S @ B x S x C -> B x C
-    return context, weights
+    weights = F.softmax(scores.float(), dim=1).type_as(values).transpose(1, 2)  # B x S x 1 -> B x 1 x S
+    context = torch.bmm(weights, values).squeeze(1)  # B x 1 x S @ B x S x C -> B x 1 x C -> B x C
+    return context, weights.squeeze(1)
 
 
 class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
@@ -232,7 +239,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
     Returns logits B x T x V and the attention weights B x T x S.
 
     Incremental decoding caches one dict of tensors: ``first_h``, ``first_c``, ``input_feed`` (B x H1),
-    ``upper_h`` (LSTM cells only), ``upper_c`` ((L-1) x B x H), ``projected_keys`` (S x B x A) and ``values``
+    ``upper_h`` (LSTM cells only), ``upper_c`` ((L-1) x B x H), ``projected_keys`` (B x S x A) and ``values``
     (the encoder states batch first, B x S x C).
     """
 
@@ -241,7 +248,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
     split_first_layer = True
 
     # batch dimension of every cached tensor, for reorder_incremental_state
-    _BATCH_DIM = {"first_h": 0, "first_c": 0, "input_feed": 0, "upper_h": 1, "upper_c": 1, "projected_keys": 1,
+    _BATCH_DIM = {"first_h": 0, "first_c": 0, "input_feed": 0, "upper_h": 1, "upper_c": 1, "projected_keys": 0,
                   "values": 0}
 
     def __init__(
@@ -327,13 +334,14 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         mean = (enc * keep).sum(0) / keep.sum(0)  # B x C, mean over the real source tokens
         zeros = enc.new_zeros(B, self.first_layer_hidden_size)
         upper_zeros = enc.new_zeros(self.num_upper_layers, B, self.hidden_size)  # L-1 x B x H (0 x B x H if none)
+        values = enc.transpose(0, 1).contiguous()  # S x B x C -> B x S x C: what attend() sums, batch first
         state = {
             "first_h": tanh(self.init_proj(mean)),  # B x H1
             "first_c": zeros,  # B x H1
             "input_feed": zeros,  # B x H1, a_0
             "upper_c": upper_zeros,
-            "projected_keys": self.attention.project_keys(enc),  # S x B x A
-            "values": enc.transpose(0, 1).contiguous(),  # S x B x C -> B x S x C, what attend() sums
+            "projected_keys": self.attention.project_keys(values),  # B x S x A
+            "values": values,
         }
         if self.cell == "lstm":  # an SRU's state is c alone
             state["upper_h"] = upper_zeros
@@ -354,12 +362,13 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         else:
             prev_output_tokens = prev_output_tokens[:, -1:]  # incremental step: only the newest token
         B, T = prev_output_tokens.size()
-        enc, pad = encoder_out.encoder_out, encoder_out.encoder_padding_mask  # S x B x C, S x B
+        pad = encoder_out.encoder_padding_mask  # S x B
 
         emb = self.dropout_module(self.embed_tokens(prev_output_tokens))  # B x T x E
         emb = emb.transpose(0, 1)  # B x T x E -> T x B x E
         h, c, feed = state["first_h"], state["first_c"], state["input_feed"]
         keys, values = state["projected_keys"], state["values"]
+        mask_bias = attention_mask_bias(pad, keys.dtype)  # B x S x 1
         outputs: List[Tensor] = []
         attn: List[Tensor] = []
         # the first layer's input at step t is [E y_{t-1}; a_{t-1}]: the embeddings are known before the loop
@@ -368,7 +377,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         with reuse_packed_weights(), deferred_weight_grads():
             for t in range(T):
                 h, c = first_layer(t, feed, (h, c))  # B x H1
-                context, weights = attend(self.attention.scores(h, keys), values, pad)  # B x C, S x B
+                context, weights = attend(self.attention.scores(h, keys, mask_bias), values)  # B x C, B x S
                 feed = tanh(self.attention_out(torch.cat([h, context], dim=1)))  # a_t: B x H1
                 outputs.append(feed)
                 attn.append(weights)
@@ -396,7 +405,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         if self.out_proj is not None:
             x = self.out_proj(x)
         x = self.dropout_out_module(x)
-        attn_weights = torch.stack(attn, 0).permute(2, 0, 1)  # T x S x B -> B x T x S
+        attn_weights = torch.stack(attn, 1)  # T x (B x S) -> B x T x S
         return x, attn_weights
 
     def output_layer(self, features: Tensor) -> Tensor:

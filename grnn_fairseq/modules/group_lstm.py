@@ -400,7 +400,7 @@ class CellSteps:
         h, c = hx
         gates = self.gates_head[t] + linear(torch.cat([tail, h], dim=1), self.w_step)  # B x 4H
         h, c = cell_pointwise(gates.unsqueeze(0), c.unsqueeze(0))  # 1 x B x H each
-        return h[0], c[0]
+        return h.squeeze(0), c.squeeze(0)  # views both ways (indexing's backward would fill a zero 1 x B x H)
 
 
 def group_lstm_reference(
