@@ -117,6 +117,16 @@ def test_grouped_linear_matches_bmm(onednn, K, bias):
             assert torch.allclose(a, e, atol=1e-6)
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_transposed_is_the_contiguous_transpose(K):
+    """products.transposed (one group through aten's 2D copy): each group's matrix transposed, contiguous, a copy."""
+    w = torch.randn(K, 6, 5)
+    t = lin_mod.transposed(w)
+    assert t.shape == (K, 5, 6) and t.is_contiguous() and t.data_ptr() != w.data_ptr()
+    assert all(torch.equal(t[k], w[k].t()) for k in range(K))
+    assert torch.equal(lin_mod.transposed(w.transpose(1, 2)), w)  # a transposed view comes back as stored
+
+
 def test_sigmoid_tanh_matches_torch_tanh():
     """activations.tanh (2 sigmoid(2x) - 1 on CPU): values and gradient against torch.tanh, float32 and float64."""
     from grnn_fairseq.modules.activations import tanh

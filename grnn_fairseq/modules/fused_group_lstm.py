@@ -271,7 +271,7 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
         dx = dw_ih = dw_hh = db = None
         if need[0]:
             dx = x.new_empty(T, B, I)
-            parts = products.input_projections(DG, w_ih.transpose(1, 2).contiguous(), None,
+            parts = products.input_projections(DG, products.transposed(w_ih), None,
                                                dx.view(T * B, K, Ik).transpose(0, 1))  # K x (T*B) x I/K, into dx
             if parts[0].data_ptr() != dx.data_ptr():  # oneDNN's products are new tensors
                 dx.view(T * B, K, Ik).transpose(0, 1).copy_(torch.stack(parts))
