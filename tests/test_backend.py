@@ -58,6 +58,19 @@ def test_the_default_rule_never_measures():
     assert backend.measured() == {}
 
 
+def test_the_amd_rule_keeps_small_groups_on_one_bmm(monkeypatch):
+    """On AMD CPUs large products go to oneDNN, but K small groups (one oneDNN call each) stay on one bmm, and a
+    decoder step's recurrent products follow the step rule (H/K >= 128, K <= 8); other CPUs use aten's BLAS."""
+    monkeypatch.setattr(backend, "cpu_vendor", lambda: "AuthenticAMD")
+    assert backend.heuristic_onednn("linear", 32 * 1024 * 2048)  # the decoder's first layer, one group
+    assert not backend.heuristic_onednn("grouped_linear", 4 * 32 * 64 * 256, K=4)  # 0.5M per group
+    assert backend.heuristic_onednn("grouped_linear", 4 * 32 * 256 * 1024, K=4)  # 8M per group
+    assert backend.heuristic_onednn("step", 4 * 64 * 256 * 1024, K=4, Hk=256)
+    assert not backend.heuristic_onednn("step", 16 * 64 * 64 * 256, K=16, Hk=64)
+    monkeypatch.setattr(backend, "cpu_vendor", lambda: "GenuineIntel")
+    assert not backend.heuristic_onednn("linear", 32 * 1024 * 2048)
+
+
 def test_the_model_logs_its_backend_and_stores_its_flags(word_reversal, tmp_path):
     """fairseq-train logs the resolved backend once and saves the --grnn-* flags with the model's args, so that
     fairseq-generate runs the checkpoint on the same setting."""

@@ -180,6 +180,40 @@ def test_deferred_weight_grads_match_per_step(K):
         assert lin_mod._deferred_scope.get() is None
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_deferred_step_products_follow_the_backend(onednn, K, monkeypatch):
+    """Inside deferred_weight_grads() a step's products run on the backend's choice: with oneDNN, on the weight
+    packed once and its packed transpose (forward and input gradient, K calls each per step), the weight
+    gradients one aten product after the loop; outputs and every gradient as aten's and as per-step ones."""
+    torch.manual_seed(0)
+    w = torch.randn(K, 24, 16, requires_grad=True)  # K x Out/K x In/K
+    b = torch.randn(K, 24, requires_grad=True)
+    v = torch.randn(16 * K, 24 * K, requires_grad=True)  # a linear's Out x In
+    x = torch.randn(4, 5, 16 * K, requires_grad=True)
+    calls = []
+    real = lin_mod.onednn_mm
+    monkeypatch.setattr(lin_mod, "onednn_mm", lambda *a: calls.append(a[1].shape) or real(*a))
+
+    def run(products, defer):
+        ctx = lin_mod.deferred_weight_grads() if defer else contextlib.nullcontext()
+        h, outs = torch.zeros(5, 16 * K), []
+        with backend.use(products=products, defer_weight_grads=defer), lin_mod.reuse_packed_weights(), ctx:
+            for t in range(4):
+                z = grouped_linear((x[t] + h).view(5, K, 16).transpose(0, 1), w, b)  # K x 5 x 24
+                h = torch.tanh(linear(z.transpose(0, 1).reshape(5, 24 * K), v))  # 5 x 16K
+                outs.append(h)
+            y = torch.stack(outs)
+        return [y] + list(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, w, b, v]))
+
+    want = run("aten", False)
+    assert not calls
+    got = run("onednn", True)
+    assert len(calls) == 2 * 4 * (K + 1)  # per step: K groups and the linear, forward and input gradient
+    assert run("aten", True) and len(calls) == 2 * 4 * (K + 1)  # aten's deferred loop calls no oneDNN
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
 def test_deferred_scope_defers_weights_that_want_grad_one_gate_each():
     w = torch.randn(6, 4, requires_grad=True)
     x = torch.randn(3, 4)

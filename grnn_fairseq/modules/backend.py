@@ -136,6 +136,8 @@ def onednn_usable(x: Tensor) -> bool:
 
 # Products of fewer multiply-adds run on aten's BLAS under every rule: too small for the kernel to matter.
 MIN_ONEDNN_MACS = 1 << 20
+# Under the fixed rule, a grouped product (K > 1, one oneDNN call per group) needs this many per group.
+MIN_ONEDNN_GROUP_MACS = 1 << 22
 
 
 def heuristic_onednn(kind: str, macs: int, K: int = 1, Hk: int = 0) -> bool:
@@ -143,14 +145,17 @@ def heuristic_onednn(kind: str, macs: int, K: int = 1, Hk: int = 0) -> bool:
 
     The rule follows the measurements of docs/speed.md: on AMD CPUs aten's float32 BLAS (MKL) runs these models'
     large products at about half oneDNN's speed, and oneDNN's per-step recurrent products on weights packed once
-    win from H/K = 128 with up to 8 groups; on Intel CPUs aten's BLAS is as fast or faster for most shapes.
-    kind: "step" (the fused path's per-step recurrent products, K groups of H/K = Hk) or any other product.
+    win from H/K = 128 with up to 8 groups; a decoder step's grouped products ("grouped_linear", one oneDNN call
+    per group against one bmm) from about 2^22 multiply-adds per group; on Intel CPUs aten's BLAS is as fast or
+    faster for most shapes. kind: "step" (the fused path's per-step recurrent products, K groups of H/K = Hk),
+    "grouped_linear" (K groups) or any other product (the fused path's input projections and weight gradients
+    over all time steps, which pass K = 1: their per-group products are large).
     """
     if macs < MIN_ONEDNN_MACS or cpu_vendor() != "AuthenticAMD":
         return False
     if kind == "step":
         return Hk >= 128 and K <= 8
-    return True
+    return K == 1 or macs // K >= MIN_ONEDNN_GROUP_MACS
 
 
 _measured: Dict[tuple, bool] = {}

@@ -145,9 +145,17 @@ def packed_weight(weight: Tensor, transposed: bool, rows: int) -> Tensor:
     key = (id(base), weight.storage_offset(), tuple(weight.shape), transposed)
     entry = scope.get(key)
     if entry is None:
-        dense = w.t().contiguous() if transposed else w.contiguous()
-        entry = scope[key] = (base, torch.ops.mkldnn._reorder_linear_weight(dense, rows))  # base: keeps its id
+        entry = scope[key] = (base, pack(w, transposed, rows))  # base: keeps its id
     return entry[1]
+
+
+def pack(weight: Tensor, transposed: bool, rows: int) -> Tensor:
+    """``weight`` (Out x In) or its transpose in oneDNN's blocked layout for products of about ``rows`` rows. The
+    transpose is packed from a contiguous copy (packing the transposed view itself took 1.8-3x as long as copy
+    and pack: AMD EPYC, 512 x 1024 and 2048 x 1024, docs/speed.md)."""
+    w = weight.detach()
+    dense = w.t().contiguous() if transposed else w.contiguous()  # (In x Out or Out x In), row-major
+    return torch.ops.mkldnn._reorder_linear_weight(dense, rows)
 
 
 def _stack(parts: List[Tensor]) -> Tensor:
@@ -238,28 +246,36 @@ class _WeightGate(torch.autograd.Function):
 
 
 class _DeferredGroupedLinear(torch.autograd.Function):
-    """One step's ``out[k] = xg[k] W[k]^T + b[k]`` (aten's mm/bmm) whose weight gradient is left to the
-    weight's ``_WeightGate``: backward keeps (xg, dout) for it and returns the input and bias gradients only.
-    xg: K x N x In, weight: the gate's output, K x Out x In, bias: K x Out or None, deferred: the weight's
-    ``_DeferredWeight``, whose ``weight_t`` (K x In x Out, contiguous) the forward product reads: at a decoder
-    step's few rows ``x @ W^T`` is faster on a transposed copy made once per scope than on W's own layout."""
+    """One step's ``out[k] = xg[k] W[k]^T + b[k]`` whose weight gradient is left to the weight's ``_WeightGate``:
+    backward keeps (xg, dout) for it and returns the input and bias gradients only. xg: K x N x In, weight: the
+    gate's output, K x Out x In, bias: K x Out or None, deferred: the weight's ``_DeferredWeight``, which holds
+    the weight as the step's products read it: packed for oneDNN (forward, and its transpose for the input
+    gradient), or for aten a transposed copy (K x In x Out, contiguous): at a decoder step's few rows
+    ``x @ W^T`` is faster on it than on W's own layout."""
 
     @staticmethod
     def forward(ctx, xg: Tensor, weight: Tensor, bias: Optional[Tensor], deferred: "_DeferredWeight") -> Tensor:
         ctx.save_for_backward(xg, weight)
-        ctx.rows, ctx.has_bias = deferred.rows, bias is not None
-        return _grouped_linear_aten(xg, deferred.weight_t.transpose(1, 2), bias)  # reads weight_t contiguously
+        ctx.deferred, ctx.has_bias = deferred, bias is not None
+        if deferred.onednn:
+            bs = [None] * xg.size(0) if bias is None else bias.unbind(0)
+            # K x (N x In/K @ In/K x Out/K) -> K x N x Out/K
+            return _stack([onednn_mm(xg[k], w, bs[k]) for k, w in enumerate(deferred.packed())])
+        return _grouped_linear_aten(xg, deferred.weight_t().transpose(1, 2), bias)  # reads weight_t contiguously
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout: Tensor):
         xg, weight = ctx.saved_tensors
+        deferred = ctx.deferred
         dout = dout.contiguous()
         if ctx.needs_input_grad[1]:
-            ctx.rows.append((xg, dout))
+            deferred.rows.append((xg, dout))
         dxg = db = None
         if ctx.needs_input_grad[0]:
-            if xg.size(0) == 1:
+            if deferred.onednn:  # K x (N x Out/K @ Out/K x In/K) -> K x N x In/K
+                dxg = _stack([onednn_mm(dout[k], w) for k, w in enumerate(deferred.packed(transposed=True))])
+            elif xg.size(0) == 1:
                 dxg = torch.mm(dout[0], weight[0]).unsqueeze(0)  # N x Out @ Out x In -> 1 x N x In
             else:
                 dxg = torch.bmm(dout, weight)  # K x N x Out @ K x Out x In -> K x N x In
@@ -270,17 +286,35 @@ class _DeferredGroupedLinear(torch.autograd.Function):
 
 class _DeferredWeight:
     """A weight inside a ``deferred_weight_grads`` scope: the gate's output (K x Out x In), the rows its steps
-    keep for the gradient, and a transposed copy for the forward products (K x In x Out)."""
+    keep for the gradient, and the weight as the steps' products read it, made once at first use: oneDNN's
+    packed weights when ``onednn`` (the backend's choice for the scope's first call, of N rows), else a
+    transposed copy for aten. The weight does not change while the scope's graph lives (autograd checks it)."""
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, onednn: bool, rows: int):
         self.weight = weight  # held: keeps id(weight) unique while the scope lives
+        self.onednn, self.n = onednn, rows
         self.rows: List = []
         self.gated = _WeightGate.apply(weight, self.rows)
-        self.weight_t = transposed(self.gated.detach())  # K x Out x In -> K x In x Out
+        self._made: Dict[str, object] = {}
+
+    def weight_t(self) -> Tensor:
+        if "t" not in self._made:
+            self._made["t"] = transposed(self.gated.detach())  # K x Out x In -> K x In x Out
+        return self._made["t"]
+
+    def packed(self, transposed: bool = False) -> List[Tensor]:
+        """Per group, the weight (Out x In) or, for the input gradient, its transpose, packed for oneDNN."""
+        key = "packed_t" if transposed else "packed"
+        if key not in self._made:
+            self._made[key] = [pack(w, transposed, self.n) for w in self.gated.detach().unbind(0)]
+        return self._made[key]
 
 
-def _deferred(x: Tensor, weight: Tensor) -> Optional[_DeferredWeight]:
-    """The weight's ``_DeferredWeight`` when this call defers its gradient, else None."""
+def _deferred(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, kind: str = "grouped_linear"
+              ) -> Optional[_DeferredWeight]:  # fmt: skip
+    """The weight's ``_DeferredWeight`` when this call defers its gradient, else None. x: K x N x In, weight:
+    K x Out x In (or Out x In), bias: K x Out or None: the first call's, from which the products' kernel is
+    chosen as for a call outside the scope (``_choose_grouped``)."""
     scope = _deferred_scope.get()
     if scope is None or x.numel() == 0 or not weight.requires_grad or not torch.is_grad_enabled():
         return None
@@ -288,7 +322,9 @@ def _deferred(x: Tensor, weight: Tensor) -> Optional[_DeferredWeight]:
         return None
     entry = scope.get(id(weight))
     if entry is None:
-        entry = scope[id(weight)] = _DeferredWeight(weight)
+        w3 = weight.view(-1, *weight.shape[-2:])  # K x Out x In (1 x Out x In for a linear's Out x In)
+        onednn = x.dim() == 3 and _choose_grouped(x, w3, bias, kind)
+        entry = scope[id(weight)] = _DeferredWeight(weight, onednn, x.size(-2))
     return entry
 
 
@@ -323,7 +359,7 @@ def _choose_grouped(xg: Tensor, weight: Tensor, bias: Optional[Tensor], kind: st
     def case(gen):
         return _measure_case(_grouped_linear, operands, train, gen)
 
-    return backend.use_onednn(xg, kind, key, case, K * N * In * Out)
+    return backend.use_onednn(xg, kind, key, case, K * N * In * Out, K=K)
 
 
 def grouped_linear(xg: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -334,7 +370,7 @@ def grouped_linear(xg: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
     """
     if xg.numel() == 0:
         return _grouped_linear_aten(xg, weight, bias)
-    deferred = _deferred(xg, weight)
+    deferred = _deferred(xg, weight, bias)
     if deferred is not None:
         return _DeferredGroupedLinear.apply(xg, deferred.gated, bias, deferred)
     return _grouped_linear(_choose_grouped(xg, weight, bias, "grouped_linear"), xg, weight, bias)
@@ -346,7 +382,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return F.linear(x, weight, bias)
     x2 = x.reshape(1, -1, x.size(-1))  # ... x In -> 1 x N x In
     w, b = weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0)  # 1 x Out x In, 1 x Out
-    deferred = _deferred(x2, weight)
+    deferred = _deferred(x2, weight, b, "linear")
     if deferred is not None:
         out = _DeferredGroupedLinear.apply(x2, deferred.gated, b, deferred)
     elif _choose_grouped(x2, w, b, "linear"):
