@@ -112,7 +112,7 @@ def table(rows, batching):
              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['wps']:.0f} | {r['peak_rss_mib']:.0f} MiB | "
-                     f"{r['ratios'][0]:.2f}x | {r['ratios'][1]:.2f}x |")  # fmt: skip
+                     + " | ".join("-" if x is None else f"{x:.2f}x" for x in r["ratios"]) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -142,11 +142,11 @@ def main(argv=None):
                 runs[name].append(wps)
                 peak[name] = max(peak[name], mib)
                 print(f"{batching}, round {r + 1}: {name}: {wps:.0f} wps, peak RSS {mib:.0f} MiB", flush=True)
-        base = [statistics.median(runs[b]) if b in runs else float("nan") for b in BASELINES]
+        base = [statistics.median(runs[b]) if b in runs else None for b in BASELINES]  # None: not run
         rows = []
         for name in args.models:
             wps = statistics.median(runs[name])
-            rows.append({"model": name, "params": params[name], "wps": wps, "ratios": [wps / b for b in base],
+            rows.append({"model": name, "params": params[name], "wps": wps, "ratios": [b and wps / b for b in base],
                          "runs": runs[name], "peak_rss_mib": peak[name]})  # fmt: skip
         results[batching] = rows
         print("\n" + table(rows, batching) + "\n", flush=True)
