@@ -146,7 +146,7 @@ def main(argv=None):
         rows = []
         for name in args.models:
             wps = statistics.median(runs[name])
-            rows.append({"model": name, "params": params[name], "wps": wps, "ratios": [b and wps / b for b in base],
+            rows.append({"model": name, "params": params[name], "wps": wps, "ratios": [None if b is None else wps / b for b in base],
                          "runs": runs[name], "peak_rss_mib": peak[name]})  # fmt: skip
         results[batching] = rows
         print("\n" + table(rows, batching) + "\n", flush=True)

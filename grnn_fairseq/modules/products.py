@@ -19,6 +19,7 @@ layout runs on aten, which reads any strides.
 
 import contextlib
 import contextvars
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -163,21 +164,27 @@ def _stack(parts: List[Tensor]) -> Tensor:
     return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
 
 
+def _onednn_groups(xg: Tensor, weights: List[Tensor], bias: Optional[Tensor] = None) -> Tensor:
+    """Per group k ``onednn_mm(xg[k], weights[k], bias[k])``. xg: K x N x In/K, weights: K as ``onednn_mm`` takes
+    them (Out/K x In/K, plain or packed), bias: K x Out/K or None -> K x N x Out/K."""
+    bs = [None] * len(weights) if bias is None else bias.unbind(0)
+    return _stack([onednn_mm(xg[k], w, bs[k]) for k, w in enumerate(weights)])
+
+
 class _OneDNNGroupedLinear(torch.autograd.Function):
     """Every group's linear on oneDNN, in one autograd node: forward ``out[k] = xg[k] W[k]^T + b[k]``, backward
     ``dxg[k] = dout[k] W[k]`` and ``dW[k] = dout[k]^T xg[k]``. A plain linear is one group."""
 
     @staticmethod
     def forward(ctx, xg: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        K, N, _ = xg.size()
+        N = xg.size(1)
         ctx.save_for_backward(xg, weight)
         ctx.has_bias = bias is not None
         ws = weight.unbind(0)  # K x (Out/K x In/K)
         # the input gradient's weights, packed now while a reuse scope may be open (backward runs after it closed)
         scoped = _packed.get() is not None and ctx.needs_input_grad[0]
         ctx.weights_t = [packed_weight(w, True, N) for w in ws] if scoped else None
-        bs = [None] * K if bias is None else bias.unbind(0)
-        return _stack([onednn_mm(xg[k], packed_weight(ws[k], False, N), bs[k]) for k in range(K)])  # K x N x Out/K
+        return _onednn_groups(xg, [packed_weight(w, False, N) for w in ws], bias)  # K x N x Out/K
 
     @staticmethod
     @once_differentiable
@@ -188,7 +195,7 @@ class _OneDNNGroupedLinear(torch.autograd.Function):
         dxg = dw = db = None
         if ctx.needs_input_grad[0]:
             wts = ctx.weights_t or [packed_weight(w, True, N) for w in weight.unbind(0)]  # K x (In/K x Out/K)
-            dxg = _stack([onednn_mm(dout[k], wts[k]) for k in range(K)])  # K x N x Out/K @ Out/K x In/K
+            dxg = _onednn_groups(dout, wts)  # K x (N x Out/K @ Out/K x In/K) -> K x N x In/K
         if ctx.needs_input_grad[1]:
             dw = _stack([weight_grad(dout[k], xg[k]) for k in range(K)])  # K x Out/K x In/K
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -257,11 +264,9 @@ class _DeferredGroupedLinear(torch.autograd.Function):
     def forward(ctx, xg: Tensor, weight: Tensor, bias: Optional[Tensor], deferred: "_DeferredWeight") -> Tensor:
         ctx.save_for_backward(xg, weight)
         ctx.deferred, ctx.has_bias = deferred, bias is not None
-        if deferred.onednn:
-            bs = [None] * xg.size(0) if bias is None else bias.unbind(0)
-            # K x (N x In/K @ In/K x Out/K) -> K x N x Out/K
-            return _stack([onednn_mm(xg[k], w, bs[k]) for k, w in enumerate(deferred.packed())])
-        return _grouped_linear_aten(xg, deferred.weight_t().transpose(1, 2), bias)  # reads weight_t contiguously
+        if deferred.onednn:  # K x (N x In/K @ In/K x Out/K) -> K x N x Out/K
+            return _onednn_groups(xg, deferred.packed, bias)
+        return _grouped_linear_aten(xg, deferred.weight_t.transpose(1, 2), bias)  # reads weight_t contiguously
 
     @staticmethod
     @once_differentiable
@@ -274,7 +279,7 @@ class _DeferredGroupedLinear(torch.autograd.Function):
         dxg = db = None
         if ctx.needs_input_grad[0]:
             if deferred.onednn:  # K x (N x Out/K @ Out/K x In/K) -> K x N x In/K
-                dxg = _stack([onednn_mm(dout[k], w) for k, w in enumerate(deferred.packed(transposed=True))])
+                dxg = _onednn_groups(dout, deferred.packed_t)
             elif xg.size(0) == 1:
                 dxg = torch.mm(dout[0], weight[0]).unsqueeze(0)  # N x Out @ Out x In -> 1 x N x In
             else:
@@ -295,19 +300,20 @@ class _DeferredWeight:
         self.onednn, self.n = onednn, rows
         self.rows: List = []
         self.gated = _WeightGate.apply(weight, self.rows)
-        self._made: Dict[str, object] = {}
 
+    @functools.cached_property
     def weight_t(self) -> Tensor:
-        if "t" not in self._made:
-            self._made["t"] = transposed(self.gated.detach())  # K x Out x In -> K x In x Out
-        return self._made["t"]
+        return transposed(self.gated.detach())  # K x Out x In -> K x In x Out
 
-    def packed(self, transposed: bool = False) -> List[Tensor]:
-        """Per group, the weight (Out x In) or, for the input gradient, its transpose, packed for oneDNN."""
-        key = "packed_t" if transposed else "packed"
-        if key not in self._made:
-            self._made[key] = [pack(w, transposed, self.n) for w in self.gated.detach().unbind(0)]
-        return self._made[key]
+    @functools.cached_property
+    def packed(self) -> List[Tensor]:
+        """Per group the weight (Out/K x In/K) packed for oneDNN: the forward products."""
+        return [pack(w, False, self.n) for w in self.gated.detach().unbind(0)]
+
+    @functools.cached_property
+    def packed_t(self) -> List[Tensor]:
+        """Per group its transpose (In/K x Out/K) packed for oneDNN: the input gradients."""
+        return [pack(w, True, self.n) for w in self.gated.detach().unbind(0)]
 
 
 def _deferred(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, kind: str = "grouped_linear"
