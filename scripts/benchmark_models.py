@@ -33,6 +33,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+BASE_ENV = dict(os.environ)  # before importing grnn_fairseq, which sizes oneDNN's caches for this process
 sys.path.insert(0, ROOT)
 from grnn_fairseq.benchmark import processor_name  # noqa: E402
 
@@ -71,8 +72,9 @@ def run_measured(cmd, env, interval: float = 0.1):
 
 
 def candidate_env(threads):
-    """The environment of one run: this one with the thread count of --threads."""
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    """The environment of one run: this one as started (each run's own grnn_fairseq import sets what it sets) with
+    the thread count of --threads."""
+    return {**BASE_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def candidate_flags(name, products):

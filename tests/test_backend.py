@@ -1,7 +1,10 @@
 """grnn_fairseq.modules.backend: one setting for every execution choice, deterministic by default, per thread,
 visible in the log and stored in checkpoints through the --grnn-* flags."""
 
+import os
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -106,3 +109,40 @@ def test_the_same_command_twice_prints_the_same_losses(word_reversal, tmp_path):
         return found
 
     assert losses(1) == losses(2)
+
+
+
+GROWTH_SCRIPT = r"""
+import re, torch
+import grnn_fairseq.modules  # sizes oneDNN's caches where the environment does not
+from grnn_fairseq.modules.products import onednn_mm, packed_weight
+torch.set_num_threads(1)
+rss = lambda: int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+weight, x = packed_weight(torch.randn(2048, 512), False, 64), torch.randn(600, 512)
+for rows in range(64, 264):  # 200 row counts, a kernel each: more than the bounded caches hold
+    onednn_mm(x[:rows], weight)
+before = rss()
+for rows in range(264, 564):  # 300 more
+    onednn_mm(x[:rows], weight)
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and os.path.exists("/proc/self/status")),
+                    reason="needs oneDNN and /proc")  # fmt: skip
+def test_onednn_kernel_caches_are_bounded():
+    """oneDNN compiles and keeps a kernel per row count: in a process that imported grnn_fairseq, 300 new row
+    counts past the caches' capacity add little memory; with oneDNN's own 1024 entries per cache (set as a user
+    would set them, which the import keeps) they add about 100 MiB on an AMD EPYC."""
+    env = {k: v for k, v in os.environ.items() if k not in backend.ONEDNN_CACHE_VARIABLES}
+
+    def growth_mib(**variables):
+        run = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT], env={**env, **variables}, check=True,
+                             capture_output=True, text=True)  # fmt: skip
+        return float(run.stdout.split()[-1])
+
+    bounded = growth_mib()
+    unbounded = growth_mib(**{name: "1024" for name in backend.ONEDNN_CACHE_VARIABLES})
+    if unbounded < 30:
+        pytest.skip(f"this CPU's oneDNN kernels are small: 300 of them in 1024-entry caches took {unbounded:.0f} MiB")
+    assert bounded < unbounded / 4, f"300 new shapes took {bounded:.0f} MiB (1024-entry caches: {unbounded:.0f})"

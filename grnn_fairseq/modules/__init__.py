@@ -7,6 +7,8 @@ from .group_lstm import GroupLSTM, GroupLSTMCell, group_lstm_reference
 from .recurrent import CELLS, RECURRENT_LAYERS, recurrent_stack
 from .sru import SRU, sru_reference
 
+backend.bound_onednn_caches()  # before the process's first oneDNN primitive: see its docstring
+
 __all__ = [
     "CELLS",
     "FactorizedLSTM",

@@ -25,6 +25,8 @@ setting                values                     default  chooses
                                                            its shapes occur (``triton_step.LoopGraphs``)
 =====================  =========================  =======  ==============================================
 
+Besides these, importing ``grnn_fairseq.modules`` bounds oneDNN's kernel caches (``bound_onednn_caches``).
+
 Python: ``with backend.use(products="onednn"): ...`` (a context per thread), or ``backend.set_default(...)``
 for the process. fairseq: the ``--grnn-*`` model flags (``models/common.py``), stored in the checkpoint's args;
 the models run every forward under their own setting and log the resolved backend once when built.
@@ -35,6 +37,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import os
 import threading
 import time
 from typing import Callable, Dict, Optional
@@ -132,6 +135,31 @@ def onednn_usable(x: Tensor) -> bool:
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and not torch.is_autocast_enabled("cpu")
     )
+
+
+# oneDNN compiles a kernel per product shape and keeps it in two caches of 1024 entries each (oneDNN's primitive
+# cache and PyTorch's ideep cache). Under fairseq's --max-tokens batching nearly every batch brings new row counts
+# (B sentences, T x B tokens), so both fill up: about 1 GB of kernels for group_rnnsearch_iwslt on an AMD EPYC
+# (docs/speed.md). 128 entries hold a training step's shapes with room to spare.
+ONEDNN_CACHE_CAPACITY = 128
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def bound_onednn_caches() -> None:
+    """Give oneDNN's two kernel caches ``ONEDNN_CACHE_CAPACITY`` entries where the user has not sized them.
+
+    Both read their environment variable when the process runs its first oneDNN primitive, so this runs when
+    ``grnn_fairseq.modules`` is imported (``--user-dir`` is imported before any model runs). A variable the user
+    set is kept. The capacity bounds memory only: a kernel evicted and compiled again computes the same numbers.
+    """
+    for name in ONEDNN_CACHE_VARIABLES:
+        os.environ.setdefault(name, str(ONEDNN_CACHE_CAPACITY))
+
+
+def onednn_cache_capacities() -> str:
+    """The capacities in force, as "primitive cache 128, ideep cache 128" (oneDNN's default where unset)."""
+    primitive, ideep = (os.environ.get(name, "1024") for name in ONEDNN_CACHE_VARIABLES)
+    return f"primitive cache {primitive}, ideep cache {ideep}"
 
 
 # Products of fewer multiply-adds run on aten's BLAS under every rule: too small for the kernel to matter.
@@ -237,4 +265,4 @@ def describe(setting: Optional[Backend] = None) -> str:
         products = s.products
     return (f"path={s.path} step={step} products={products} benchmark={'on' if s.benchmark else 'off'} "
             f"defer_weight_grads={'on' if s.defer_weight_grads else 'off'} "
-            f"cuda_graphs={'on' if s.cuda_graphs else 'off'}")  # fmt: skip
+            f"cuda_graphs={'on' if s.cuda_graphs else 'off'} onednn_caches=({onednn_cache_capacities()})")  # fmt: skip
