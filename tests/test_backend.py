@@ -111,7 +111,6 @@ def test_the_same_command_twice_prints_the_same_losses(word_reversal, tmp_path):
     assert losses(1) == losses(2)
 
 
-
 GROWTH_SCRIPT = r"""
 import re, torch
 import grnn_fairseq.modules  # sizes oneDNN's caches where the environment does not
