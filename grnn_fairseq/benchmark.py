@@ -20,6 +20,8 @@ gradients):
   layer itself runs cuDNN);
 * ``loop-graphs``: the same call with the backend's ``cuda_graphs`` on: the layer replays its forward and
   backward time loops as CUDA graphs of its own (``triton_step.LoopGraphs``: inputs copied in, results out);
+* ``persistent``: the same call with the backend's ``persistent_loops`` on: each time loop one kernel launch
+  with a grid barrier between steps (left out with ``--no-persistent``);
 * ``triton-graph``: the whole call (input projections, loops, weight gradients) captured once by the benchmark
   as a CUDA graph and replayed: the bound of what graphs can save (launch latency and Python overhead);
 * ``torch-ops``: the fused path on PyTorch operations per step (``--grnn-step torch``; float16/bfloat16 in
@@ -327,11 +329,11 @@ def layer_steps(call: Callable[[], torch.Tensor], inputs: List[torch.Tensor], gy
 
 
 def cuda_candidates(
-    H: int, K: int, x: torch.Tensor, gy: torch.Tensor, flashrnn, flashrnn_max_head: int = 128
+    H: int, K: int, x: torch.Tensor, gy: torch.Tensor, flashrnn, flashrnn_max_head: int = 128, persistent=True
 ) -> List[dict]:
     """The GroupLSTM candidates at K groups (module docstring): name, path, params and a maker of the timed
     closures. FlashRNN's row is left untried above ``flashrnn_max_head`` units per head (its Triton kernels hold
-    a head's recurrent weights in one program)."""
+    a head's recurrent weights in one program); persistent: with the persistent loops' row."""
     T, B, _ = x.shape
     model = GroupLSTM(H, H, groups=K).to(device=x.device, dtype=x.dtype)
     weights = list(model.layer_weights(0, 0))  # w_ih, w_hh, b_ih, b_hh
@@ -345,6 +347,10 @@ def cuda_candidates(
 
     def loop_graphs_call():  # the layer's own CUDA graphs of its time loops (backend cuda_graphs)
         with backend.use(step="triton", cuda_graphs=True):
+            return fused_group_lstm_direction(x, h0, h0, *weights, True, aten_at_one_group=False)[0]
+
+    def persistent_call():  # a launch per time loop (backend persistent_loops)
+        with backend.use(step="triton", persistent_loops=True):
             return fused_group_lstm_direction(x, h0, h0, *weights, True, aten_at_one_group=False)[0]
 
     def torch_ops_call():  # the dispatch's float32 up-cast for half inputs on a non-Triton step
@@ -362,6 +368,9 @@ def cuda_candidates(
               "make": lambda: layer_steps(loop_graphs_call, inputs, gy)},
              {"name": name, "K": K, "path": "torch-ops", "params": params,
               "make": lambda: layer_steps(torch_ops_call, inputs, gy)}]  # fmt: skip
+    if persistent:
+        cands.insert(3, {"name": name, "K": K, "path": "persistent", "params": params,
+                         "make": lambda: layer_steps(persistent_call, inputs, gy)})  # fmt: skip
     if flashrnn is not None:
         cands.append({"name": f"FlashRNN {K} heads", "K": K, "path": "flashrnn", "params": params,
                       "make": lambda: flashrnn_steps(flashrnn, H, K, x, gy, flashrnn_max_head)})  # fmt: skip
@@ -409,7 +418,8 @@ def time_cuda(fn: Callable[[], None]) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def bench_cuda_config(H, groups, T, B, dtype_name, repeats, warmup, device, flashrnn, flashrnn_max_head=128):
+def bench_cuda_config(H, groups, T, B, dtype_name, repeats, warmup, device, flashrnn, flashrnn_max_head=128,
+                      persistent=True):  # fmt: skip
     """Every candidate at one (H, T, B, dtype): warm-up rounds, then ``repeats`` interleaved timed rounds; a
     candidate that fails (FlashRNN refusing a size, a graph capture failing) keeps its error in its row."""
     dt = DTYPES[dtype_name]
@@ -424,7 +434,7 @@ def bench_cuda_config(H, groups, T, B, dtype_name, repeats, warmup, device, flas
         if H % K or (H // K) % K:
             print(f"skipping K={K}: does not divide hidden {H} and H/K (the shuffle)")
             continue
-        cands.extend(cuda_candidates(H, K, x, gy, flashrnn, flashrnn_max_head))
+        cands.extend(cuda_candidates(H, K, x, gy, flashrnn, flashrnn_max_head, persistent))
     cands.sort(key=lambda c: c["path"] == "flashrnn")  # another library's kernels last: an error there is theirs
 
     def failed(c, e):  # the row records why this candidate has no time; the others go on
@@ -506,7 +516,8 @@ def plot_cuda(results: List[dict], path: str) -> None:
     sizes = sorted({r["hidden"] for r in results})
     dtypes = sorted({r["dtype"] for r in results})
     fig, axes = plt.subplots(len(dtypes), len(sizes), figsize=(5 * len(sizes), 3.8 * len(dtypes)), squeeze=False)
-    styles = {"triton": "o-", "loop-graphs": "d-", "triton-graph": "s-", "torch-ops": "x--", "flashrnn": "^:"}
+    styles = {"triton": "o-", "loop-graphs": "d-", "persistent": "v-", "triton-graph": "s-", "torch-ops": "x--",
+              "flashrnn": "^:"}  # fmt: skip
     for (i, dt), (j, H) in itertools.product(enumerate(dtypes), enumerate(sizes)):
         ax = axes[i][j]
         rows = [r for r in results if (r["hidden"], r["dtype"], r["seq_len"], r["batch"]) == (H, dt, T, B)]
@@ -555,7 +566,7 @@ def main_cuda(args) -> List[dict]:
         target = (H, dt, T, B) == (TARGET["hidden"], TARGET["dtype"], TARGET["seq_len"], TARGET["batch"])
         with_flashrnn = flashrnn if args.flashrnn == "all" or target else None
         rows = bench_cuda_config(H, args.groups, T, B, dt, args.repeats, args.warmup, device, with_flashrnn,
-                                 args.flashrnn_max_head)  # fmt: skip
+                                 args.flashrnn_max_head, not args.no_persistent)  # fmt: skip
         print_cuda_table(rows)
         sys.stdout.flush()
         results.extend(rows)
@@ -621,6 +632,8 @@ def main(argv=None) -> List[dict]:
                              "configuration only (its kernels compile per T, B and head size), or none")
     parser.add_argument("--flashrnn-max-head", type=int, default=128,
                         help="CUDA: FlashRNN's rows only up to this many units per head (default 128)")
+    parser.add_argument("--no-persistent", action="store_true",
+                        help="CUDA: skip the persistent loops' rows (one launch per time loop)")
     parser.add_argument("--max-minutes", type=float,
                         help="CUDA: start no new configuration after this many minutes (the rest are listed)")
     parser.add_argument("--json", help="write the rows here")

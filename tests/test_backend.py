@@ -81,15 +81,17 @@ def test_the_model_logs_its_backend_and_stores_its_flags(word_reversal, tmp_path
     proc = fairseq_cli(
         "fairseq-train", word_reversal.bin, *REVERSAL_MODEL_FLAGS, "--optimizer", "adam", "--lr", "0.001",
         "--batch-size", "64", "--max-update", "2", "--save-dir", save, "--grnn-products", "aten",
-        "--grnn-no-defer-weight-grads", "--no-epoch-checkpoints",
+        "--grnn-no-defer-weight-grads", "--grnn-persistent-loops", "--no-epoch-checkpoints",
     )  # fmt: skip
     lines = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if "grnn_fairseq backend:" in line]
     assert len(lines) == 1 and "products=aten" in lines[0] and "defer_weight_grads=off" in lines[0], lines
+    assert "cuda_graphs=off persistent_loops=on" in lines[0], lines
     from fairseq import checkpoint_utils
 
     state = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))
     model_cfg = state["cfg"]["model"]
     assert model_cfg.grnn_products == "aten" and model_cfg.grnn_no_defer_weight_grads is True
+    assert model_cfg.grnn_persistent_loops is True and model_cfg.grnn_cuda_graphs is False
     assert model_cfg.grnn_path == "fused" and model_cfg.grnn_step == "auto" and model_cfg.grnn_benchmark is False
 
 

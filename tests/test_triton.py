@@ -72,12 +72,12 @@ def layer_case(T, B, I, H, K, dtype=torch.float32, device="cpu", padded=False, d
     return tensors, lengths, rmask
 
 
-def run_layer(step, tensors, shuffle, lengths, rmask, final_only=False, graphs=False):
+def run_layer(step, tensors, shuffle, lengths, rmask, final_only=False, graphs=False, persistent=False):
     """Outputs, h_n, c_n and the gradients of all seven inputs of one weighted-sum loss, on ``step``; K = 1
     stays on the step (no aten LSTM). final_only: the loss reads h_n and c_n only (no output gradient).
-    graphs: the backend's cuda_graphs."""
+    graphs, persistent: the backend's cuda_graphs and persistent_loops."""
     inputs = [t.detach().clone().requires_grad_(True) for t in tensors]
-    with backend.use(step=step, cuda_graphs=graphs):
+    with backend.use(step=step, cuda_graphs=graphs, persistent_loops=persistent):
         if step != "torch":  # the kernels must run, or the comparison would be of TorchStep with itself
             assert steps.step_kind(inputs[0]) == "triton"
         out, h_n, c_n = fused_group_lstm_direction(*inputs, shuffle, lengths, rmask, aten_at_one_group=False)
@@ -370,6 +370,29 @@ def test_loop_graph_buffers_match_eager(final_only):
     assert triton_step.LOOP_GRAPHS.seen and not triton_step.LOOP_GRAPHS.graphs  # nothing is captured on CPU
 
 
+@pytest.mark.parametrize("final_only", [False, True], ids=["output", "final-state"])
+@pytest.mark.parametrize("T,B,H,K,shuffle", [(5, 3, 16, 1, False), (5, 3, 16, 4, False), (5, 3, 16, 4, True),
+                                             (4, 20, 64, 2, True)])  # the last: 2 row tiles x 2 unit tiles
+def test_persistent_loops_match_pytorch_step(launches, T, B, H, K, shuffle, final_only):
+    """persistent_loops on the interpreter (one program, which computes every tile of a step and passes the
+    grid barrier alone): a launch for the forward loop, one for the backward loop and dr_0's, and TorchStep's
+    numbers, with padding, recurrent dropout and the final states' gradients entering at each row's last step
+    (dh_n through the output gradient, dc_n through DC_ADD); persistent_loops before cuda_graphs."""
+    tensors, lengths, rmask = layer_case(T, B, 16, H, K, padded=True, dropout=True)
+    got = run_layer("triton", tensors, shuffle, lengths, rmask, final_only, graphs=True, persistent=True)
+    assert launches == {"forward": 1, "backward": 2}
+    want = run_layer("torch", tensors, shuffle, lengths, rmask, final_only)
+    assert_close(got, want, 1e-5)
+
+
+def test_persistent_loops_in_bfloat16():
+    """bfloat16 inputs on the persistent loops: the per-step launches' numbers (the same arithmetic)."""
+    tensors, lengths, rmask = layer_case(4, 20, 16, 64, 2, torch.bfloat16, padded=True, dropout=True)
+    want = run_layer("triton", tensors, True, lengths, rmask)
+    got = run_layer("triton", tensors, True, lengths, rmask, persistent=True)
+    assert_close(got, want, 1e-6, relative=True)
+
+
 def test_loop_graphs_decide_per_key():
     """On CUDA a key's first occurrence runs eagerly on the call's own buffers; the second goes through the graph's
     buffers (its capture is due), as does every call once a graph is held, unless its capture failed; on CPU
@@ -440,7 +463,8 @@ def test_tile_rule():
 
 
 def compile_for_hopper(name, pointer_types, constants, num_warps):
-    """Triton's compiler (front end, LLVM and its bundled ptxas) on one kernel variant for sm_90, no GPU needed."""
+    """Triton's compiler (front end, LLVM and its bundled ptxas) on one kernel variant for sm_90, no GPU needed:
+    its PTX (the machine code checked non-empty)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -448,20 +472,23 @@ def compile_for_hopper(name, pointer_types, constants, num_warps):
     signature = {a: "constexpr" if a in constants else pointer_types.get(a, "i32") for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps})  # fmt: skip
-    return kernel.asm["cubin"]
+    assert kernel.asm["cubin"]
+    return kernel.asm["ptx"]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_kernels_compile_for_hopper(dtype):
     """Every variant the layer and the cell launch compiles to sm_90 machine code with the tile rule's tiles,
     at the tiles of a small and of a large configuration (what the interpreter cannot show: tl.dot's shape and
-    type rules, the lowering of every operation)."""
+    type rules, the lowering of every operation); the loop kernels' PTX holds the grid barrier, the step
+    kernels' none."""
     pytest.importorskip("triton.compiler", reason="Triton's compiler")
     half = dtype != "fp32"
     p = "*" + dtype
     fwd = {"G": p, "R": p, "R_next": p, "W": p, "RM": p, "OUT": p, "C": "*fp32", "C_next": "*fp32", "Q": "*fp32",
-           "QC": "*fp32", "F": "*fp32"}  # fmt: skip
-    bwd = {"DG": p, "W": p, "DY": p, "RM": p, "Q": "*fp32", "QC": "*fp32", "F": "*fp32", "DC": "*fp32", "DR": "*fp32"}
+           "QC": "*fp32", "F": "*fp32", "SYNC": "*i32"}  # fmt: skip
+    bwd = {"DG": p, "W": p, "DY": p, "RM": p, "Q": "*fp32", "QC": "*fp32", "F": "*fp32", "DC": "*fp32", "DR": "*fp32",
+           "DC_ADD": "*fp32", "SYNC": "*i32"}  # fmt: skip
     dot = {"UPCAST_DOT": False, "PRECISION": "ieee"}
     for B, K, Hk in ((64, 4, 256), (128, 1, 2048)):
         t = triton_step.tile_sizes(B, K, Hk, half, 132)
@@ -471,12 +498,17 @@ def test_kernels_compile_for_hopper(dtype):
             flags = {"SHUFFLE": True, "SAVE": save, "HAS_RM": save, "HAS_PRODUCT": True, "HAS_OUT": True,
                      "SCALE_G": False, **dot, **ftiles}  # fmt: skip
             unused = {} if save else {"Q": None, "QC": None, "F": None, "RM": None}
-            assert compile_for_hopper("forward", fwd, {**flags, **unused}, t.forward_warps)
+            for name in ("forward", "forward_loop"):
+                assert_loop_barrier(compile_for_hopper(name, fwd, {**flags, **unused}, t.forward_warps), "loop" in name)
         for has_next, pointwise in ((True, True), (False, True), (True, False)):  # a step, the last, dr_0
             flags = {"SHUFFLE": True, "HAS_NEXT": has_next, "POINTWISE": pointwise, "HAS_DY": True, "HAS_RM": True,
                      **dot, **btiles}  # fmt: skip
             unused = {"W": None} if not has_next else ({"DR": None} if pointwise else {})
-            assert compile_for_hopper("backward", bwd, {**flags, **unused}, t.backward_warps)
+            assert_loop_barrier(compile_for_hopper("backward", bwd, {**flags, **unused}, t.backward_warps), False)
+        for has_dc_add in (True, False):  # a whole backward loop, with and without the final cell state's gradient
+            flags = {"SHUFFLE": True, "HAS_DY": True, "HAS_RM": True, "HAS_DC_ADD": has_dc_add, **dot, **btiles}
+            unused = {} if has_dc_add else {"DC_ADD": None}
+            assert_loop_barrier(compile_for_hopper("backward_loop", bwd, {**flags, **unused}, t.backward_warps), True)
     t = triton_step.tile_sizes(50, 4, 64, half, 132)  # the cell: one step, no product, no shuffle
     flags = {"SHUFFLE": False, "SAVE": True, "HAS_RM": False, "HAS_PRODUCT": False, "HAS_OUT": False, "SCALE_G": True,
              **dot, "BLOCK_B": t.BLOCK_B, "BLOCK_J": t.BLOCK_J, "BLOCK_U": t.BLOCK_U}  # fmt: skip
@@ -487,10 +519,20 @@ def test_kernels_compile_for_hopper(dtype):
     assert compile_for_hopper("backward", bwd, {**flags, "W": None, "RM": None, "DR": None}, t.backward_warps)
 
 
+def assert_loop_barrier(ptx, loop):
+    """A loop kernel's PTX holds the grid barrier as CUDA's grid sync does it: one thread's (predicated)
+    release-add to the counter at GPU scope and its acquire loads of it; a step kernel's has none of it."""
+    marks = ("red.global.gpu.release.add", "ld.global.gpu.acquire")
+    lines = [line.strip() for line in ptx.splitlines() if any(mark in line for mark in marks)]
+    assert all(any(mark in line for line in lines) == loop for mark in marks), lines
+    assert all(line.startswith("@%p") for line in lines), lines  # on one thread
+
+
 def test_cuda_benchmark_pieces_run_without_a_gpu(tmp_path):
     """What of ``benchmark --device cuda`` runs on a CPU: the grid order (the target configuration first), the
-    candidates' closures (Triton on the interpreter, its loop graphs' buffers, the PyTorch-ops step, FlashRNN's
-    glue against a stand-in that checks the shapes of its API; the whole-call graph rows need CUDA), the figure, and the message without a GPU."""
+    candidates' closures (Triton on the interpreter, its loop graphs' buffers, the persistent loops, the
+    PyTorch-ops step, FlashRNN's glue against a stand-in that checks the shapes of its API; the whole-call graph
+    rows need CUDA), ``--no-persistent``, the figure, and the message without a GPU."""
     from grnn_fairseq import benchmark
 
     grid = benchmark.cuda_grid([256, 1024], [35, 100], [64], ["float32", "bfloat16"])
@@ -506,7 +548,8 @@ def test_cuda_benchmark_pieces_run_without_a_gpu(tmp_path):
         return torch.stack([h, h]), None
 
     cands = benchmark.cuda_candidates(16, 4, x, gy, flashrnn)
-    assert [c["path"] for c in cands] == ["triton", "triton-graph", "loop-graphs", "torch-ops", "flashrnn"]
+    assert [c["path"] for c in cands] == ["triton", "triton-graph", "loop-graphs", "persistent", "torch-ops", "flashrnn"]
+    assert "persistent" not in [c["path"] for c in benchmark.cuda_candidates(16, 4, x, gy, None, persistent=False)]
     for c in cands:
         if c["path"] != "triton-graph":
             for fn in c["make"]().values():
@@ -592,6 +635,22 @@ def test_cuda_loop_graphs_match_eager(dtype):
         got = run_layer("triton", tensors, True, lengths, rmask, graphs=True)
         assert_close(got, want, 1e-6, relative=True)
     assert len(triton_step.LOOP_GRAPHS.graphs) == 2  # the forward and the backward loop
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("T,B,H,K", [(9, 37, 256, 1), (9, 37, 256, 4), (6, 128, 1024, 16)])
+def test_cuda_persistent_loops_match_pytorch_step(T, B, H, K, dtype):
+    """persistent_loops on a GPU (gpu-check.sh runs these apart, under a timeout of their own: a grid barrier
+    that never opens hangs): each loop one launch on up to a program per multiprocessor, against TorchStep in
+    float64 on the CPU, padding, recurrent dropout, the shuffle; at H = 1024, B = 128, K = 16 a step has more
+    tiles than an H100 or H200 has multiprocessors, so programs take several."""
+    tensors, lengths, rmask = layer_case(T, B, 128, H, K, dtype=dtype, device="cuda", padded=True, dropout=True)
+    got = run_layer("triton", tensors, K > 1, lengths, rmask, persistent=True)
+    want = run_layer("torch", [t.double().cpu() for t in tensors], K > 1, lengths.cpu(), rmask.double().cpu())
+    tol = 1e-5 if dtype == torch.float32 else HALF_TOL[dtype]
+    assert_close(got, want, tol, relative=True)
 
 
 @pytest.mark.cuda

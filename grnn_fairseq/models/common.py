@@ -38,6 +38,9 @@ def add_backend_args(parser) -> None:
     parser.add_argument('--grnn-cuda-graphs', action='store_true',
                         help="on the Triton step (CUDA): replay each recurrent layer's time loop as a CUDA graph, "
                              "captured the second time its shapes occur")
+    parser.add_argument('--grnn-persistent-loops', action='store_true',
+                        help="on the Triton step (CUDA): run each recurrent layer's time loop as one kernel launch "
+                             "with a grid barrier between steps (before --grnn-cuda-graphs)")
     # fmt: on
 
 
@@ -50,6 +53,7 @@ def backend_defaults(args) -> None:
     args.grnn_benchmark = getattr(args, "grnn_benchmark", False)
     args.grnn_no_defer_weight_grads = getattr(args, "grnn_no_defer_weight_grads", False)
     args.grnn_cuda_graphs = getattr(args, "grnn_cuda_graphs", False)
+    args.grnn_persistent_loops = getattr(args, "grnn_persistent_loops", False)
 
 
 def backend_from_args(args) -> backend.Backend:
@@ -57,7 +61,8 @@ def backend_from_args(args) -> backend.Backend:
     setting = backend.Backend(path=args.grnn_path, step=args.grnn_step, products=args.grnn_products,
                               benchmark=args.grnn_benchmark,
                               defer_weight_grads=not args.grnn_no_defer_weight_grads,
-                              cuda_graphs=args.grnn_cuda_graphs)  # fmt: skip
+                              cuda_graphs=args.grnn_cuda_graphs,
+                              persistent_loops=args.grnn_persistent_loops)  # fmt: skip
     logger.info(f"grnn_fairseq backend: {backend.describe(setting)}")
     return setting
 

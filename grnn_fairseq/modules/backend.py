@@ -23,6 +23,10 @@ setting                values                     default  chooses
 ``cuda_graphs``        on, off                    off      on the Triton step: replay a fused call's time
                                                            loop as a CUDA graph, captured the second time
                                                            its shapes occur (``triton_step.LoopGraphs``)
+``persistent_loops``   on, off                    off      on the Triton step: run each time loop as one
+                                                           kernel launch with a grid barrier between steps
+                                                           (``triton_step``; takes precedence over
+                                                           ``cuda_graphs``)
 =====================  =========================  =======  ==============================================
 
 Besides these, importing ``grnn_fairseq.modules`` bounds oneDNN's kernel caches (``bound_onednn_caches``).
@@ -64,6 +68,7 @@ class Backend:
     benchmark: bool = False
     defer_weight_grads: bool = True
     cuda_graphs: bool = False
+    persistent_loops: bool = False
 
     def __post_init__(self):
         for name, allowed in (("path", PATHS), ("step", STEPS), ("products", PRODUCTS)):
@@ -111,6 +116,13 @@ def use(backend: Optional[Backend] = None, **changes):
 def fused() -> bool:
     """Whether layers run their fused path (where it supports the call)."""
     return current().path == "fused"
+
+
+def cuda_loops() -> str:
+    """How the Triton step launches a fused call's time loops: "persistent" (one launch per loop), "graphs"
+    (a launch per step, replayed as a CUDA graph) or "steps" (a launch per step)."""
+    setting = current()
+    return "persistent" if setting.persistent_loops else "graphs" if setting.cuda_graphs else "steps"
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,4 +277,6 @@ def describe(setting: Optional[Backend] = None) -> str:
         products = s.products
     return (f"path={s.path} step={step} products={products} benchmark={'on' if s.benchmark else 'off'} "
             f"defer_weight_grads={'on' if s.defer_weight_grads else 'off'} "
-            f"cuda_graphs={'on' if s.cuda_graphs else 'off'} onednn_caches=({onednn_cache_capacities()})")  # fmt: skip
+            f"cuda_graphs={'on' if s.cuda_graphs else 'off'} "
+            f"persistent_loops={'on' if s.persistent_loops else 'off'} "
+            f"onednn_caches=({onednn_cache_capacities()})")  # fmt: skip

@@ -139,7 +139,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
     scale = _gate_scale(x, G4)
     bias = None if b_ih is None else (b_ih + b_hh) * scale  # K x 4H/K
 
-    kind, graphs = step_kind(x), backend.current().cuda_graphs
+    kind, loops = step_kind(x), backend.cuda_loops()
     if x.dtype in HALF and kind != "triton":
         raise ValueError(f"the fused path runs {x.dtype} on the Triton step only, not on {kind!r}")
     # the saved slabs (returned to the pool when the graph node dies): R, Q, QC, F; the scratch slabs (returned at
@@ -178,7 +178,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
     out = x.new_empty(T, B, H)  # a copy, never a view of R (saved for backward)
     buf = StepBuffers(x=x, K=K, T=T, B=B, Hk=Hk, shuffle=shuffle, R=R, Q=Q, QC=QC, F=F, rm=rm,
                       w_hh=w_hh * scale.view(1, G4, 1), G=[g.view(T, B, G4) for g in Gs], C=C, out=out)  # fmt: skip
-    step = make_step(buf, forward=True, kind=kind, graphs=graphs)
+    step = make_step(buf, forward=True, kind=kind, loops=loops)
     step.forward_loop()
     if lengths is None:
         h_n = out[T - 1].clone()
@@ -194,7 +194,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
     del buf, step, Gs
     for slab in scratch_slabs:
         _WORKSPACE.give(slab)
-    return out, h_n, c_n, ((saved_slabs, Q, QC, F, R, rm, (kind, graphs)) if save else None)
+    return out, h_n, c_n, ((saved_slabs, Q, QC, F, R, rm, (kind, loops)) if save else None)
 
 
 def _sequence_ends(lengths: Optional[Tensor], T: int, B: int, device) -> List[Optional[Tensor]]:
@@ -252,8 +252,8 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
         scratch_slab, (DG,) = _WORKSPACE.take([tuple(Q.shape)], x)
         buf = StepBuffers(x=x, K=K, T=T, B=B, Hk=Hk, shuffle=shuffle, R=R, Q=Q, QC=QC, F=F, rm=rm, w_hh_grad=w_hh,
                           d_out=d_out, DG=DG)  # fmt: skip
-        kind, graphs = ctx.step
-        step = make_step(buf, forward=False, kind=kind, graphs=graphs)
+        kind, loops = ctx.step
+        step = make_step(buf, forward=False, kind=kind, loops=loops)
         step.backward_loop(ends, dhn, dcn)  # the sequences whose last step is t take their dh_n and dc_n there
         dr, dc = step.finish_backward(), step.dc
         dh0 = x.new_zeros(K, B, Hk)

@@ -437,17 +437,17 @@ def step_kind(x: Tensor) -> str:
     return "torch"
 
 
-def make_step(buf: StepBuffers, forward: bool, kind: Optional[str] = None, graphs: bool = False) -> Step:
+def make_step(buf: StepBuffers, forward: bool, kind: Optional[str] = None, loops: str = "steps") -> Step:
     """The step backend ``kind`` (default: ``step_kind(buf.x)``) over ``buf``; a backward pass passes the kind
-    its forward pass ran, whose saved buffers it reads. graphs: the Triton step replays its loops as CUDA
-    graphs (the backend's ``cuda_graphs``)."""
+    its forward pass ran, whose saved buffers it reads. loops: how the Triton step launches its time loops
+    (``backend.cuda_loops``)."""
     kind = kind or step_kind(buf.x)
     if kind == "c":
         return CStep(buf, forward)
     if kind == "triton":
         from .triton_step import TritonStep
 
-        return TritonStep(buf, forward, graphs)
+        return TritonStep(buf, forward, loops)
     return TorchStep(buf, forward)
 
 

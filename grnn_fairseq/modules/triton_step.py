@@ -1,20 +1,27 @@
 """The fused group LSTM's time step on Triton (``steps.TritonStep``) and ``GroupLSTMCell``'s step on the same kernels.
 
-One kernel launch per time step and direction of the pass. With K groups of Hk = H/K units, B rows, gates i, f, g, o:
+By default one kernel launch per time step and direction of the pass. With K groups of Hk = H/K units, B rows,
+gates i, f, g, o, a step is cut into K x B / BLOCK_B x Hk / BLOCK_(J|R) tiles, group fastest, one program per tile:
 
-* Forward, ``_forward_kernel``, grid (K, B / BLOCK_B, Hk / BLOCK_J): a program owns rows ``b`` and units ``j`` of
-  group k (h order). It computes the four gates' recurrent products ``r_k @ W_k^T`` for its units (``tl.dot``,
+* Forward, ``_forward_kernel``: a tile is rows ``b`` and units ``j`` of group k (h order). It computes the four gates' recurrent products ``r_k @ W_k^T`` for its units (``tl.dot``,
   float32 accumulation, the contraction over the group's Hk recurrent inputs in chunks of BLOCK_U), adds the
   input projections (biases included), runs the gates and the cell in float32, and writes c_t, h_t into its
   slot of the next step's recurrent input (shuffled: h unit (k, j) goes to group ``j // (Hk/K)``, unit
   ``(j % (Hk/K)) * K + k``, so the shuffle is an address computation), h_t into the plain-order output, and the
   gate derivatives the backward pass reads (``StepBuffers``: Q, QC, F).
-* Backward, ``_backward_kernel``, grid (K, B / BLOCK_B, Hk / BLOCK_R): a program owns rows ``b`` and units ``u`` of
-  group g of the recurrent input (r order). It first computes its tile of step t+1's recurrent-input gradient,
+* Backward, ``_backward_kernel``: a tile is rows ``b`` and units ``u`` of group g of the recurrent input (r
+  order). It first computes its tile of step t+1's recurrent-input gradient,
   ``dr[g, b, u] = DG[g, t+1, b, :] @ W_g[:, u]`` (times the recurrent dropout mask), from the gate gradients the
   launch of step t+1 wrote, then for the h unit that r unit holds it adds the output gradient, updates dc and writes
-  the four gate gradients of step t. Every h unit belongs to exactly one program, so nothing is computed twice
+  the four gate gradients of step t. Every h unit belongs to exactly one tile, so nothing is computed twice
   and dc (kept in r order, float32) is updated in place. After the loop one product-only launch gives dr_0.
+* Persistent loops (the backend's ``persistent_loops``): one launch runs a whole loop, forward or backward, on
+  as many programs as the GPU has multiprocessors (at most one per tile), each taking every P-th tile of a
+  step, then waiting at a grid barrier (an atomic counter, as CUDA's grid sync) until every program has
+  finished the step: the host launches once per loop instead of T times. The final states' gradients enter
+  through a float32 copy of the output gradient (dh_n) and a T x K x B x Hk tensor added to dc (dc_n). The
+  interpreter runs programs one after another, so it runs a loop launch on one program (every tile, a barrier
+  that opens at once); the barrier between programs is exercised on a GPU only.
 * The weight and input gradients are one batched product each over all T*B rows after the loop
   (``fused_group_lstm.py``), as on CPU.
 
@@ -25,8 +32,10 @@ full float32 precision unless ``torch.backends.cuda.matmul.allow_tf32`` is set (
 Nothing is compiled at import: Triton compiles a kernel variant at its first launch on a GPU and caches it on disk.
 CPU tensors run the same kernels on Triton's interpreter (the tests' way; ``steps.step_kind`` sends CPU tensors
 here only with ``TRITON_INTERPRET=1`` and ``step="triton"``); the interpreter has no bfloat16 products, so there
-the products' operands are cast to float32 first. The kernels call Triton's builtins only (no ``tl.sigmoid``,
-a jitted library function), so that compiled and interpreted variants can live in one process.
+the products' operands are cast to float32 first. The kernels call Triton's builtins and their own device
+functions (``_DeviceFunction``) only, not Triton's jitted library functions such as ``tl.sigmoid``, so that
+compiled and interpreted variants can live in one process. The step kernels and the loop kernels share their
+tiles' code (``_forward_tile``, ``_backward_tile``).
 
 Tile sizes follow a fixed rule (``tile_sizes``) from B, K, Hk, the dtype and the multiprocessor count: no
 autotuning, the same command runs the same kernels. The rule is written for Hopper-class GPUs and not tuned by
@@ -38,6 +47,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import math
 import threading
 from typing import Callable, Dict, Optional, Set, Tuple
 
@@ -53,19 +63,37 @@ logger = logging.getLogger("grnn_fairseq.triton_step")
 
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32,) + HALF
+LOOPS = ("steps", "graphs", "persistent")  # how a fused call's time loops launch (``TritonStep``)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
 
 
-def _forward_kernel(
+class _DeviceFunction(triton.JITFunction):
+    """A function the kernels call: Triton's compiler inlines it (a JITFunction), while the interpreter, which
+    runs a kernel as Python, calls it through an ``InterpretedFunction`` of its own, so that compiled and
+    interpreted kernels can share it in one process."""
+
+    def __init__(self, fn):
+        super().__init__(fn)
+        self._interpreted = None
+
+    def __call__(self, *args, **kwargs):
+        if self._interpreted is None:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            self._interpreted = InterpretedFunction(self.fn)
+        return self._interpreted(*args, **kwargs)
+
+
+def _forward_tile(
     G, R, R_next, W, RM, C, C_next, Q, QC, F, OUT,  # pointers (None where a flag leaves them out)
-    t, T, B, K, Hk, r_gs, c_gs,
+    k, rb, rj, ts, T, B, K, Hk, r_gs, c_gs,
     SHUFFLE: tl.constexpr, SAVE: tl.constexpr, HAS_RM: tl.constexpr, HAS_PRODUCT: tl.constexpr,
     HAS_OUT: tl.constexpr, SCALE_G: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_U: tl.constexpr,
 ):  # fmt: skip
-    """Step t forward for rows rb and h units rj of group k.
+    """One step forward for rows rb and h units rj of group k (int64); ts: the step's first row, t * B (int64).
 
     G: K x T x B x 4Hk input projections with biases (g rows doubled unless SCALE_G). R: K x (T+1) x B x Hk
     recurrent inputs in r order, group stride r_gs; R_next: R advanced by one step (h_t lands in R_next[:, t]).
@@ -73,14 +101,10 @@ def _forward_kernel(
     mask in r order. C, C_next: K x (T+1) x B x Hk cell states (C_next one step ahead), group stride c_gs. Q: K x
     T x B x 4Hk, QC, F: K x T x B x Hk, float32. OUT: T x B x K*Hk, h_t in plain order.
     """
-    k = tl.program_id(0).to(tl.int64)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # rows
-    rj = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)  # h units of group k
     mb = rb < B
     mj = rj < Hk
     mbj = mb[:, None] & mj[None, :]
     G4 = 4 * Hk
-    ts = t.to(tl.int64) * B  # first row of step t
 
     acc_i = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
     acc_f = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
@@ -149,38 +173,39 @@ def _forward_kernel(
         tl.store(F + s_off, gate_f, mask=mbj)  # dc_t -> dc_{t-1}
 
 
-def _backward_kernel(
-    DG, W, Q, QC, F, DC, DY, RM, DR,  # pointers (None where a flag leaves them out)
-    t, T, B, K, Hk, dy_st, dy_sb, dy_sk,
+
+
+def _backward_tile(
+    DG, W, Q, QC, F, DC, DY, RM, DR, DC_ADD,  # pointers (None where a flag leaves them out)
+    g, rb, ru, t, ts, B_next, T, B, K, Hk, dy_st, dy_sb, dy_sk,
     SHUFFLE: tl.constexpr, HAS_NEXT: tl.constexpr, POINTWISE: tl.constexpr, HAS_DY: tl.constexpr,
-    HAS_RM: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RM: tl.constexpr, HAS_DC_ADD: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Step t backward for rows rb and r-order units ru of group g (module docstring).
+    """Step t backward for rows rb and r-order units ru of group g (int64; module docstring); ts: t * B (int64);
+    B_next: the rows step t+1 has (B, or 0 after a loop's last step).
 
     DG: K x T x B x 4Hk gate gradients (of the undoubled pre-activations), read at t+1, written at t. W: K x 4Hk x
     Hk. Q, QC, F as the forward kernel wrote them. DC: K x B x Hk, dc in r order, float32, updated in place. DY:
     the gradient of h_t from outside, element [t, b, k, j] at t * dy_st + b * dy_sb + k * dy_sk + j. RM: K x B x
     Hk dropout mask in r order. DR: K x B x Hk, float32, written by the product-only variant (POINTWISE off).
+    DC_ADD: T x K x B x Hk, float32, h order: gradients added to dc at each step (the final cell state's).
     """
-    g = tl.program_id(0).to(tl.int64)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # rows
-    ru = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # units of group g of the recurrent input
     mb = rb < B
     mu = ru < Hk
     mbu = mb[:, None] & mu[None, :]
     G4 = 4 * Hk
-    ts = t.to(tl.int64) * B
     r_off = g * B * Hk + rb[:, None] * Hk + ru[None, :]  # [g, b, u] of a K x B x Hk tensor
 
     dr = tl.full((BLOCK_B, BLOCK_R), 0.0, tl.float32)
     if HAS_NEXT:  # dr_{t+1}[g, b, u] = DG[g, t+1, b, :] @ W[g, :, u]
+        mb_next = rb < B_next
         a_rows = DG + g * T * B * G4 + (ts + B + rb[:, None]) * G4
         w_cols = W + g * G4 * Hk + ru[None, :]
         for n0 in range(0, G4, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
             mn = rn < G4
-            a = tl.load(a_rows + rn[None, :], mask=mb[:, None] & mn[None, :], other=0.0)  # BLOCK_B x BLOCK_N
+            a = tl.load(a_rows + rn[None, :], mask=mb_next[:, None] & mn[None, :], other=0.0)  # BLOCK_B x BLOCK_N
             w = tl.load(w_cols + rn[:, None] * Hk, mask=mn[:, None] & mu[None, :], other=0.0)  # BLOCK_N x BLOCK_R
             if UPCAST_DOT:
                 a, w = a.to(tl.float32), w.to(tl.float32)
@@ -203,6 +228,8 @@ def _backward_kernel(
             dh += tl.load(dy_ptr, mask=mbu, other=0.0).to(tl.float32)
         s_off = (k * T * B * Hk + j)[None, :] + (ts + rb[:, None]) * Hk  # [k, t, b, j] of QC and F
         dc = tl.load(DC + r_off, mask=mbu, other=0.0) + dh * tl.load(QC + s_off, mask=mbu, other=0.0)
+        if HAS_DC_ADD:  # dc_n of the rows whose last step this is: DC_ADD[t, k, b, j]
+            dc += tl.load(DC_ADD + ((t * K + k) * B * Hk + j)[None, :] + rb[:, None] * Hk, mask=mbu, other=0.0)
         q_off = (k * T * B * G4 + j)[None, :] + (ts + rb[:, None]) * G4  # [k, t, b, j] of Q and DG, gate i
         dg_type = DG.dtype.element_ty
         tl.store(DG + q_off, (tl.load(Q + q_off, mask=mbu, other=0.0) * dc).to(dg_type), mask=mbu)
@@ -212,14 +239,120 @@ def _backward_kernel(
         tl.store(DC + r_off, dc * tl.load(F + s_off, mask=mbu, other=0.0), mask=mbu)  # dc_{t-1}
 
 
-_NOT_SPECIALIZED = ["t", "T", "B", "K"]  # step index and sizes that vary per batch: one compiled variant for all
+
+
+_forward_tile = _DeviceFunction(_forward_tile)
+_backward_tile = _DeviceFunction(_backward_tile)
+
+
+def _grid_barrier(SYNC, arrivals):
+    """Wait until ``arrivals`` programs have arrived at the counter SYNC (int32), this one included, as CUDA's
+    grid sync does: the program's writes done (its own barrier), one thread's release-add to the counter and
+    acquire loads of it until it reads ``arrivals`` (Triton runs a scalar atomic on one thread), then the program
+    waits for that thread. Later plain loads of what other programs wrote before arriving see it."""
+    tl.debug_barrier()
+    tl.atomic_add(SYNC, 1, sem="release", scope="gpu")
+    arrived = tl.atomic_add(SYNC, 0, sem="acquire", scope="gpu")
+    while arrived < arrivals:
+        arrived = tl.atomic_add(SYNC, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+_grid_barrier = _DeviceFunction(_grid_barrier)
+
+
+def _forward_kernel(
+    G, R, R_next, W, RM, C, C_next, Q, QC, F, OUT,  # pointers (None where a flag leaves them out)
+    t, T, B, K, Hk, r_gs, c_gs,
+    SHUFFLE: tl.constexpr, SAVE: tl.constexpr, HAS_RM: tl.constexpr, HAS_PRODUCT: tl.constexpr,
+    HAS_OUT: tl.constexpr, SCALE_G: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_U: tl.constexpr,
+):  # fmt: skip
+    """Step t forward, grid (K, B / BLOCK_B, Hk / BLOCK_J): a program per tile (``_forward_tile``)."""
+    k = tl.program_id(0).to(tl.int64)
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # rows
+    rj = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)  # h units of group k
+    _forward_tile(G, R, R_next, W, RM, C, C_next, Q, QC, F, OUT, k, rb, rj, t.to(tl.int64) * B, T, B, K, Hk, r_gs,
+                  c_gs, SHUFFLE, SAVE, HAS_RM, HAS_PRODUCT, HAS_OUT, SCALE_G, UPCAST_DOT, PRECISION, BLOCK_B,
+                  BLOCK_J, BLOCK_U)  # fmt: skip
+
+
+def _forward_loop_kernel(
+    G, R, R_next, W, RM, C, C_next, Q, QC, F, OUT, SYNC,  # pointers (None where a flag leaves them out)
+    t, steps, T, B, K, Hk, r_gs, c_gs,
+    SHUFFLE: tl.constexpr, SAVE: tl.constexpr, HAS_RM: tl.constexpr, HAS_PRODUCT: tl.constexpr,
+    HAS_OUT: tl.constexpr, SCALE_G: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_U: tl.constexpr,
+):  # fmt: skip
+    """Steps t, t + 1, ..., t + steps - 1 forward in one launch (persistent loops, module docstring): per step,
+    program p computes tiles p, p + P, p + 2P, ... (group fastest, then row tiles, then unit tiles; P programs,
+    every one resident at once), then waits at the grid barrier on SYNC (an int32 zero)."""
+    P = tl.num_programs(0)
+    nb = (B + BLOCK_B - 1) // BLOCK_B
+    tiles = K * nb * ((Hk + BLOCK_J - 1) // BLOCK_J)
+    for s in range(0, steps):
+        ts = (t + s).to(tl.int64) * B  # first row of step t + s
+        for tile in range(tl.program_id(0), tiles, P):
+            k = (tile % K).to(tl.int64)
+            rb = tile // K % nb * BLOCK_B + tl.arange(0, BLOCK_B)
+            rj = tile // (K * nb) * BLOCK_J + tl.arange(0, BLOCK_J)
+            _forward_tile(G, R, R_next, W, RM, C, C_next, Q, QC, F, OUT, k, rb, rj, ts, T, B, K, Hk, r_gs, c_gs,
+                          SHUFFLE, SAVE, HAS_RM, HAS_PRODUCT, HAS_OUT, SCALE_G, UPCAST_DOT, PRECISION, BLOCK_B,
+                          BLOCK_J, BLOCK_U)  # fmt: skip
+        _grid_barrier(SYNC, P * (s + 1))
+
+
+def _backward_kernel(
+    DG, W, Q, QC, F, DC, DY, RM, DR,  # pointers (None where a flag leaves them out)
+    t, T, B, K, Hk, dy_st, dy_sb, dy_sk,
+    SHUFFLE: tl.constexpr, HAS_NEXT: tl.constexpr, POINTWISE: tl.constexpr, HAS_DY: tl.constexpr,
+    HAS_RM: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Step t backward, grid (K, B / BLOCK_B, Hk / BLOCK_R): a program per tile (``_backward_tile``)."""
+    g = tl.program_id(0).to(tl.int64)
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # rows
+    ru = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # units of group g of the recurrent input
+    _backward_tile(DG, W, Q, QC, F, DC, DY, RM, DR, None, g, rb, ru, t, t.to(tl.int64) * B, B, T, B, K, Hk, dy_st,
+                   dy_sb, dy_sk, SHUFFLE, HAS_NEXT, POINTWISE, HAS_DY, HAS_RM, False, UPCAST_DOT, PRECISION,
+                   BLOCK_B, BLOCK_R, BLOCK_N)  # fmt: skip
+
+
+def _backward_loop_kernel(
+    DG, W, Q, QC, F, DC, DY, RM, DC_ADD, SYNC,  # pointers (None where a flag leaves them out)
+    t, steps, T, B, K, Hk, dy_st, dy_sb, dy_sk,
+    SHUFFLE: tl.constexpr, HAS_DY: tl.constexpr, HAS_RM: tl.constexpr, HAS_DC_ADD: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Steps t, t - 1, ..., t - steps + 1 backward in one launch, tiles and barrier as ``_forward_loop_kernel``'s;
+    the product with step t+1's gate gradients is empty at step T - 1."""
+    P = tl.num_programs(0)
+    nb = (B + BLOCK_B - 1) // BLOCK_B
+    tiles = K * nb * ((Hk + BLOCK_R - 1) // BLOCK_R)
+    for s in range(0, steps):
+        tt = t - s  # the step
+        rows_next = B * (tt + 1 < T).to(tl.int32)
+        for tile in range(tl.program_id(0), tiles, P):
+            g = (tile % K).to(tl.int64)
+            rb = tile // K % nb * BLOCK_B + tl.arange(0, BLOCK_B)
+            ru = tile // (K * nb) * BLOCK_R + tl.arange(0, BLOCK_R)
+            _backward_tile(DG, W, Q, QC, F, DC, DY, RM, None, DC_ADD, g, rb, ru, tt, tt.to(tl.int64) * B, rows_next,
+                           T, B, K, Hk, dy_st, dy_sb, dy_sk, SHUFFLE, True, True, HAS_DY, HAS_RM, HAS_DC_ADD,
+                           UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_R, BLOCK_N)  # fmt: skip
+        _grid_barrier(SYNC, P * (s + 1))
+
+
+# step index, step count and sizes that vary per batch: one compiled variant for all
+_NOT_SPECIALIZED = ["t", "steps", "T", "B", "K"]  # (steps: the loop kernels' own)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, interpreted: bool):
     """The kernel ``name`` compiled by Triton (CUDA tensors) or run by its interpreter (CPU tensors), whatever
     ``TRITON_INTERPRET`` says (``triton.jit`` would read it once, at decoration)."""
-    fn = {"forward": _forward_kernel, "backward": _backward_kernel}[name]
+    fn = {"forward": _forward_kernel, "backward": _backward_kernel, "forward_loop": _forward_loop_kernel,
+          "backward_loop": _backward_loop_kernel}[name]
     if interpreted:
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -267,9 +400,9 @@ class StepLauncher:
     through the JIT.
     """
 
-    def __init__(self, kernel, grid: Tuple[int, int, int], options: dict, device: torch.device, reuse: bool = True):
+    def __init__(self, kernel, grid: Tuple[int, ...], options: dict, device: torch.device, reuse: bool = True):
         """reuse: False for a launcher that launches once (the cell's), which never calls a variant directly."""
-        self.kernel, self.grid = kernel, grid
+        self.kernel, self.grid = kernel, tuple(grid) + (1,) * (3 - len(grid))  # a compiled launcher takes three
         self.params = _parameters(kernel.fn)
         self.t_index = self.params.index("t")
         self.options = options  # Triton's launch options (num_warps), not kernel arguments
@@ -365,6 +498,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _resident_programs(device: torch.device) -> int:
+    """How many programs of a loop launch (``LOOP``) may spin on its grid barrier: one per multiprocessor on a
+    GPU (a program needs no more than one multiprocessor holds, so all run at once), one on the interpreter,
+    which runs programs one after another (a second one would wait for a barrier the first never leaves)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _dot_options(x: Tensor) -> dict:
     """The products' constexpr flags: float32 operands under the interpreter (no bfloat16 products there), and
     float32 products in full precision unless PyTorch's matmul flag allows TF32."""
@@ -407,9 +549,12 @@ class TritonStep(Step):
     ``finish_backward``. It prepares its own weight layouts, so ``Step.__init__``'s products are not made.
     """
 
-    def __init__(self, buf: StepBuffers, forward: bool, graphs: bool = False):  # no super().__init__ (products)
+    def __init__(self, buf: StepBuffers, forward: bool, loops: str = "steps"):  # no super().__init__ (products)
         b = buf
-        self.graphs = graphs  # replay the loops as CUDA graphs (LoopGraphs)
+        if loops not in LOOPS:
+            raise ValueError(f"Triton step: loops must be one of {', '.join(LOOPS)}, got {loops!r}")
+        self.graphs = loops == "graphs"  # replay the loops as CUDA graphs (LoopGraphs)
+        self.persistent = loops == "persistent"  # one launch per loop (module docstring)
         x = b.x
         if x.dtype not in DTYPES:
             raise ValueError(f"Triton step: inputs must be float32, bfloat16 or float16, got {x.dtype}")
@@ -458,6 +603,17 @@ class TritonStep(Step):
     def forward_step(self, t: int) -> None:
         self.launch("forward", t, lambda: {**self._named(*self.args, t, *self.sizes, *self.strides), **self.flags})
 
+    def _launch_loop(self, name: str, pointers: tuple, t: int, sizes: tuple, flags: dict) -> None:
+        """One launch of kernel ``name`` (forward_loop, backward_loop) for a whole loop of T steps from step t,
+        on as many programs as can be resident at once, at most one per tile of a step. The kernel's arguments:
+        ``pointers``, the barrier's counter, t, the step count T, ``sizes``, this step's flags and ``flags``."""
+        device = self.buf.x.device
+        grid = (min(math.prod(self.launch.grid), _resident_programs(device)),)
+        launch = StepLauncher(_kernel(name, not self.buf.x.is_cuda), grid, self.launch.options, device, reuse=False)
+        sync = torch.zeros(1, dtype=torch.int32, device=device)  # the grid barrier's counter
+        values = (*pointers, sync, t, self.sizes[0], *sizes)
+        launch("loop", t, lambda: {**dict(zip(launch.params, values)), **self.flags, **flags})
+
     def _named(self, *args) -> dict:
         """The kernel's leading positional arguments by name."""
         return dict(zip(self.launch.params, args))
@@ -500,6 +656,10 @@ class TritonStep(Step):
         self._launch_backward(t, True, None)
 
     def forward_loop(self) -> None:
+        if self.persistent:
+            if self.sizes[0]:
+                self._launch_loop("forward_loop", self.args, 0, (*self.sizes, *self.strides), {})
+            return self.finish_forward()
         if not self.graphs:
             return super().forward_loop()
         b = self.buf
@@ -532,7 +692,29 @@ class TritonStep(Step):
 
         LOOP_GRAPHS.run(key, make, copy_in, copy_out, b.x.is_cuda)
 
+    def _final_states_in(self, ends, dhn: Optional[Tensor], dcn: Optional[Tensor]) -> Optional[Tensor]:
+        """The final states' gradients for a loop that adds them at each row's last step itself: dh_n into a
+        float32 copy of the output gradient, dc_n into the returned DC (T x K x B x H/K, h order; None without
+        dc_n). ``ends`` as ``Step.backward_loop``'s."""
+        T, B, K, Hk = self.sizes
+        device = self.buf.x.device
+        # rows: the n rows with a last step (ends[0], the empty ones, are the caller's), at: that step
+        ended = [(t, e) for t, e in enumerate(ends[1:]) if e is not None]
+        rows = torch.cat([e for _, e in ended]) if ended else torch.zeros(0, dtype=torch.long, device=device)
+        at = torch.cat([torch.full_like(e, t) for t, e in ended]) if ended else rows
+        if dhn is not None:
+            dh = dhn.transpose(0, 1).index_select(0, rows).float()  # K x B x H/K -> n x K x H/K
+            self._own_dy().view(T, B, K, Hk).index_put_((at, rows), dh, accumulate=True)
+        if dcn is None:
+            return None
+        DC = torch.zeros(T, K, B, Hk, dtype=torch.float32, device=device)
+        dc = dcn.transpose(0, 1).index_select(0, rows).float()  # K x B x H/K -> n x K x H/K
+        DC.permute(0, 2, 1, 3).index_put_((at, rows), dc)  # T x B x K x H/K view
+        return DC
+
     def backward_loop(self, ends, dhn, dcn) -> None:
+        if self.persistent:
+            return self._persistent_backward(ends, dhn, dcn)
         if not self.graphs:
             return super().backward_loop(ends, dhn, dcn)
         b = self.buf
@@ -543,20 +725,7 @@ class TritonStep(Step):
                b.x.device)  # fmt: skip
         if not LOOP_GRAPHS.begin(key, b.x.is_cuda):
             return super().backward_loop(ends, dhn, dcn)
-        # The final states' gradients enter at each row's last step: dh_n into a float32 copy of the output
-        # gradient, dc_n through DC (T x K x B x H/K, h order), added to dc before each step's launch.
-        # rows: the n rows with a last step (ends[0], the empty ones, are the caller's), at: that step.
-        ended = [(t, e) for t, e in enumerate(ends[1:]) if e is not None]
-        rows = torch.cat([e for _, e in ended]) if ended else torch.zeros(0, dtype=torch.long, device=b.x.device)
-        at = torch.cat([torch.full_like(e, t) for t, e in ended]) if ended else rows
-        if dhn is not None:
-            dh = dhn.transpose(0, 1).index_select(0, rows).float()  # K x B x H/K -> n x K x H/K
-            self._own_dy().view(T, B, K, Hk).index_put_((at, rows), dh, accumulate=True)
-        DC = None
-        if dcn is not None:
-            DC = torch.zeros(T, K, B, Hk, dtype=torch.float32, device=b.x.device)
-            dc = dcn.transpose(0, 1).index_select(0, rows).float()  # K x B x H/K -> n x K x H/K
-            DC.permute(0, 2, 1, 3).index_put_((at, rows), dc)  # T x B x K x H/K view
+        DC = self._final_states_in(ends, dhn, dcn)  # added to dc before each step's launch
         assert dy_dtype == (None if self.dy is None else self.dy.dtype)
 
         def make():  # the graph's own buffers, of this call's shapes (R only for the checks: backward reads none)
@@ -586,6 +755,16 @@ class TritonStep(Step):
             self.dc_r.copy_(step.dc_r)
 
         LOOP_GRAPHS.run(key, make, copy_in, copy_out, b.x.is_cuda)
+
+    def _persistent_backward(self, ends, dhn, dcn) -> None:
+        T, B, K, Hk = self.sizes
+        if T == 0:
+            return
+        DC = self._final_states_in(ends, dhn, dcn)
+        b = self.buf
+        self._launch_loop("backward_loop", (b.DG, self.w, b.Q, b.QC, b.F, self.dc_r, self.dy, b.rm, DC), T - 1,
+                          (T, B, K, Hk, B * K * Hk, K * Hk, Hk),  # dy: T x B x H, element [t, b, k, j]
+                          {"HAS_DY": self.dy is not None, "HAS_DC_ADD": DC is not None})  # fmt: skip
 
     def finish_backward(self) -> Optional[Tensor]:
         b = self.buf
