@@ -292,6 +292,28 @@ def test_c_kernel_matches_pytorch_step(fused_mode, c_kernel, K, shuffle, padded,
         assert_close(results[0], results[1], 2e-6)
 
 
+def test_c_kernel_splits_rows_over_threads(fused_mode, c_kernel):
+    """A step's K*B rows split over threads at rows that are not multiples of K (28 rows over 3 threads at K = 4;
+    each thread visits its rows group by group): outputs and gradients to the bit of one thread's, the shuffle,
+    padding and recurrent dropout on."""
+    torch.manual_seed(0)
+    module = GroupLSTM(64, 1024, groups=4).train()  # a step of 4 x 7 x 256 units: three threads' worth
+    module.recurrent_dropout = 0.2
+    x, hx = torch.randn(3, 7, 64), (torch.randn(1, 7, 1024), torch.randn(1, 7, 1024))
+    lengths = torch.tensor([3, 1, 2, 3, 2, 3, 1])
+    fused_mode(step="c", products="aten")
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(3)
+            results.append(outputs_and_grads(run_module, module, x, hx, lengths))
+    finally:
+        torch.set_num_threads(threads)
+    assert_close(results[1], results[0], 0.0)
+
+
 def test_c_kernel_is_used_and_keeps_nan(fused_mode, c_kernel, monkeypatch):
     """The kernel runs every step of float32 CPU calls, forward and backward, and none of float64 ones; a NaN
     input stays NaN (its exp clamps with comparisons, which keep NaN, so fairseq still sees a diverged loss)."""

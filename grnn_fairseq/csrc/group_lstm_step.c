@@ -56,6 +56,9 @@ static void thread_rows(int64_t rows, int64_t *begin, int64_t *end) {
     *end = rows * (id + 1) / n;
 }
 
+/* The first b with row b*K + k at or after row `begin`. */
+static inline int64_t first_b(int64_t begin, int64_t K, int64_t k) { return (begin - k + K - 1) / K; }
+
 /* e^x in float32 within 2 ulp on [-87, 88] (Cody-Waite reduction, Cephes' expf polynomial); branch free so
  * that the compiler vectorizes the loops that call it. */
 static inline float exp_f32(float x) {
@@ -116,8 +119,10 @@ static void forward_rows(int64_t begin, int64_t end, int64_t K, int64_t B, int64
                          const float *c_prev, float *c_next, int64_t c_gs, float *r_next, int64_t r_gs, float *q,
                          int64_t q_gs, float *qc, float *fs, int64_t s_gs, float *out, float *h) {
     const int64_t m = Hk / K;
-    for (int64_t i = begin; i < end; i++) {
-        const int64_t k = i % K, b = i / K; /* b-major: a thread writes whole rows b of r_next (no false sharing) */
+    /* The rows are split b-major (a thread writes whole rows b of r_next: no false sharing) and visited group by
+     * group, so that each buffer is read and written in one stream per group, not K interleaved ones. */
+    for (int64_t k = 0; k < K; k++) {
+        for (int64_t b = first_b(begin, K, k); b * K + k < end; b++) {
         const float *zr = z[k] + b * z_ld;
         const float *xr = x ? x[k] + x_off + b * z_ld : NULL;
         const float *cp = c_prev + k * c_gs + b * Hk;
@@ -139,6 +144,7 @@ static void forward_rows(int64_t begin, int64_t end, int64_t K, int64_t B, int64
             memcpy(r_next + k * r_gs + b * Hk, h, (size_t)Hk * sizeof(float));
         }
         if (out) memcpy(out + (b * K + k) * Hk, h, (size_t)Hk * sizeof(float)); /* row b of B x H, plain order */
+        }
     }
 }
 
@@ -193,8 +199,8 @@ static void backward_rows(int64_t begin, int64_t end, int64_t K, int64_t B, int6
                           const float *dh_add, const float *q, int64_t q_gs, const float *qc, const float *fs,
                           int64_t s_gs, float *dc, float *dg, int64_t dg_gs, float *dh) {
     const int64_t m = Hk / K;
-    for (int64_t i = begin; i < end; i++) {
-        const int64_t k = i % K, b = i / K; /* b-major: a thread writes whole rows b of r_next (no false sharing) */
+    for (int64_t k = 0; k < K; k++) { /* the thread's rows group by group, as in forward_rows */
+        for (int64_t b = first_b(begin, K, k); b * K + k < end; b++) {
         if (dy) {
             memcpy(dh, dy + k * dy_gs + b * dy_ld, (size_t)Hk * sizeof(float));
         } else {
@@ -228,6 +234,7 @@ static void backward_rows(int64_t begin, int64_t end, int64_t K, int64_t B, int6
         }
         backward_row(Hk, dh, q + k * q_gs + b * 4 * Hk, qc + k * s_gs + b * Hk, fs + k * s_gs + b * Hk,
                      dc + (k * B + b) * Hk, dg + k * dg_gs + b * 4 * Hk);
+        }
     }
 }
 
