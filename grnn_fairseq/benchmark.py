@@ -20,8 +20,9 @@ gradients):
   layer itself runs cuDNN);
 * ``loop-graphs``: the same call with the backend's ``cuda_graphs`` on: the layer replays its forward and
   backward time loops as CUDA graphs of its own (``triton_step.LoopGraphs``: inputs copied in, results out);
-* ``persistent``: the same call with the backend's ``persistent_loops`` on: each time loop one kernel launch
-  with a grid barrier between steps (left out with ``--no-persistent``);
+* ``persistent``: with ``--persistent``, the same call with the backend's ``persistent_loops`` on: each time
+  loop one kernel launch with a grid barrier between steps (opt-in: a barrier that never opened would hang
+  the run; ``scripts/gpu-check.sh`` adds it once their CUDA tests pass);
 * ``triton-graph``: the whole call (input projections, loops, weight gradients) captured once by the benchmark
   as a CUDA graph and replayed: the bound of what graphs can save (launch latency and Python overhead);
 * ``torch-ops``: the fused path on PyTorch operations per step (``--grnn-step torch``; float16/bfloat16 in
@@ -329,7 +330,7 @@ def layer_steps(call: Callable[[], torch.Tensor], inputs: List[torch.Tensor], gy
 
 
 def cuda_candidates(
-    H: int, K: int, x: torch.Tensor, gy: torch.Tensor, flashrnn, flashrnn_max_head: int = 128, persistent=True
+    H: int, K: int, x: torch.Tensor, gy: torch.Tensor, flashrnn, flashrnn_max_head: int = 128, persistent=False
 ) -> List[dict]:
     """The GroupLSTM candidates at K groups (module docstring): name, path, params and a maker of the timed
     closures. FlashRNN's row is left untried above ``flashrnn_max_head`` units per head (its Triton kernels hold
@@ -419,7 +420,7 @@ def time_cuda(fn: Callable[[], None]) -> float:
 
 
 def bench_cuda_config(H, groups, T, B, dtype_name, repeats, warmup, device, flashrnn, flashrnn_max_head=128,
-                      persistent=True):  # fmt: skip
+                      persistent=False):  # fmt: skip
     """Every candidate at one (H, T, B, dtype): warm-up rounds, then ``repeats`` interleaved timed rounds; a
     candidate that fails (FlashRNN refusing a size, a graph capture failing) keeps its error in its row."""
     dt = DTYPES[dtype_name]
@@ -566,7 +567,7 @@ def main_cuda(args) -> List[dict]:
         target = (H, dt, T, B) == (TARGET["hidden"], TARGET["dtype"], TARGET["seq_len"], TARGET["batch"])
         with_flashrnn = flashrnn if args.flashrnn == "all" or target else None
         rows = bench_cuda_config(H, args.groups, T, B, dt, args.repeats, args.warmup, device, with_flashrnn,
-                                 args.flashrnn_max_head, not args.no_persistent)  # fmt: skip
+                                 args.flashrnn_max_head, args.persistent)  # fmt: skip
         print_cuda_table(rows)
         sys.stdout.flush()
         results.extend(rows)
@@ -632,8 +633,8 @@ def main(argv=None) -> List[dict]:
                              "configuration only (its kernels compile per T, B and head size), or none")
     parser.add_argument("--flashrnn-max-head", type=int, default=128,
                         help="CUDA: FlashRNN's rows only up to this many units per head (default 128)")
-    parser.add_argument("--no-persistent", action="store_true",
-                        help="CUDA: skip the persistent loops' rows (one launch per time loop)")
+    parser.add_argument("--persistent", action="store_true",
+                        help="CUDA: time the persistent loops too (one launch per time loop)")
     parser.add_argument("--max-minutes", type=float,
                         help="CUDA: start no new configuration after this many minutes (the rest are listed)")
     parser.add_argument("--json", help="write the rows here")

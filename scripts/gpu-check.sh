@@ -238,7 +238,7 @@ EOF
 }
 
 checks() {
-    local bench_s failed=0 name cuda_tests persistent=() no_persistent=(--no-persistent)
+    local bench_s failed=0 name cuda_tests persistent=() bench_persistent=()
     log "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo '?')"
     "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
           'CUDA', torch.version.cuda, '| triton', triton.__version__)" || log "triton is not importable here"
@@ -257,16 +257,17 @@ checks() {
     fi
     if [[ "${RC[persistent]}" == 0 ]]; then
         persistent=(--grnn-persistent-loops)
-        no_persistent=()
+        bench_persistent=(--persistent)
     else
-        log "the persistent loops did not pass their tests here: the benchmark and training leave them out"
+        log "the persistent loops' tests did not pass here (exit ${RC[persistent]}): the benchmark and training" \
+            "leave them out"
     fi
 
     bench_s=$(limit 200 240)
     if [[ " $STAGES " == *" benchmark "* ]]; then
         stage benchmark env PYTHONPATH="$BASE_PATH:$FLASH" PYTHONUNBUFFERED=1 timeout "$bench_s" "$PYTHON" \
             -m grnn_fairseq.benchmark --device cuda --repeats "$BENCH_REPEATS" --warmup 3 --flashrnn target \
-            "${no_persistent[@]}" \
+            ${bench_persistent[@]+"${bench_persistent[@]}"} \
             --max-minutes "$(awk -v s="$bench_s" 'BEGIN { printf "%.2f", (s - 90) / 60 }')" \
             --json "$OUT/bench-cuda.json" --png "$OUT/bench-cuda.png"
     fi

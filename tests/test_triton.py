@@ -532,7 +532,7 @@ def test_cuda_benchmark_pieces_run_without_a_gpu(tmp_path):
     """What of ``benchmark --device cuda`` runs on a CPU: the grid order (the target configuration first), the
     candidates' closures (Triton on the interpreter, its loop graphs' buffers, the persistent loops, the
     PyTorch-ops step, FlashRNN's glue against a stand-in that checks the shapes of its API; the whole-call graph
-    rows need CUDA), ``--no-persistent``, the figure, and the message without a GPU."""
+    rows need CUDA), the persistent loops' row only when asked for, the figure, and the message without a GPU."""
     from grnn_fairseq import benchmark
 
     grid = benchmark.cuda_grid([256, 1024], [35, 100], [64], ["float32", "bfloat16"])
@@ -547,9 +547,9 @@ def test_cuda_benchmark_pieces_run_without_a_gpu(tmp_path):
         h = torch.tanh(Wx.sum(2) + torch.einsum("ghdp->hd", R) + b.sum(0))  # B x T x K x H/K
         return torch.stack([h, h]), None
 
-    cands = benchmark.cuda_candidates(16, 4, x, gy, flashrnn)
+    cands = benchmark.cuda_candidates(16, 4, x, gy, flashrnn, persistent=True)
     assert [c["path"] for c in cands] == ["triton", "triton-graph", "loop-graphs", "persistent", "torch-ops", "flashrnn"]
-    assert "persistent" not in [c["path"] for c in benchmark.cuda_candidates(16, 4, x, gy, None, persistent=False)]
+    assert "persistent" not in [c["path"] for c in benchmark.cuda_candidates(16, 4, x, gy, None)]
     for c in cands:
         if c["path"] != "triton-graph":
             for fn in c["make"]().values():
