@@ -1,20 +1,21 @@
 """The fused group LSTM's time step on Triton (``steps.TritonStep``) and ``GroupLSTMCell``'s step on the same kernels.
 
 By default one kernel launch per time step and direction of the pass. With K groups of Hk = H/K units, B rows,
-gates i, f, g, o, a step is cut into K x B / BLOCK_B x Hk / BLOCK_(J|R) tiles, group fastest, one program per tile:
+gates i, f, g, o, a step is cut into tiles, one program each: grid (K, B / BLOCK_B, Hk / BLOCK_J or BLOCK_R).
 
-* Forward, ``_forward_kernel``: a tile is rows ``b`` and units ``j`` of group k (h order). It computes the four gates' recurrent products ``r_k @ W_k^T`` for its units (``tl.dot``,
-  float32 accumulation, the contraction over the group's Hk recurrent inputs in chunks of BLOCK_U), adds the
-  input projections (biases included), runs the gates and the cell in float32, and writes c_t, h_t into its
-  slot of the next step's recurrent input (shuffled: h unit (k, j) goes to group ``j // (Hk/K)``, unit
-  ``(j % (Hk/K)) * K + k``, so the shuffle is an address computation), h_t into the plain-order output, and the
-  gate derivatives the backward pass reads (``StepBuffers``: Q, QC, F).
-* Backward, ``_backward_kernel``: a tile is rows ``b`` and units ``u`` of group g of the recurrent input (r
-  order). It first computes its tile of step t+1's recurrent-input gradient,
-  ``dr[g, b, u] = DG[g, t+1, b, :] @ W_g[:, u]`` (times the recurrent dropout mask), from the gate gradients the
-  launch of step t+1 wrote, then for the h unit that r unit holds it adds the output gradient, updates dc and writes
-  the four gate gradients of step t. Every h unit belongs to exactly one tile, so nothing is computed twice
-  and dc (kept in r order, float32) is updated in place. After the loop one product-only launch gives dr_0.
+* Forward, ``_forward_kernel``: a tile is rows ``b`` and units ``j`` of group k (h order). It computes the four
+  gates' recurrent products ``r_k @ W_k^T`` for its units (``tl.dot``, float32 accumulation, the contraction over
+  the group's Hk recurrent inputs in chunks of BLOCK_U), adds the input projections (biases included), runs the
+  gates and the cell in float32, and writes c_t, h_t into its slot of the next step's recurrent input (shuffled: h
+  unit (k, j) goes to group ``j // (Hk/K)``, unit ``(j % (Hk/K)) * K + k``, so the shuffle is an address
+  computation), h_t into the plain-order output, and the gate derivatives the backward pass reads (``StepBuffers``:
+  Q, QC, F).
+* Backward, ``_backward_kernel``: a tile is rows ``b`` and units ``u`` of group g of the recurrent input (r order).
+  It first computes its tile of step t+1's recurrent-input gradient, ``dr[g, b, u] = DG[g, t+1, b, :] @ W_g[:, u]``
+  (times the recurrent dropout mask), from the gate gradients the launch of step t+1 wrote, then for the h unit that
+  r unit holds it adds the output gradient, updates dc and writes the four gate gradients of step t. Every h unit
+  belongs to exactly one tile, so nothing is computed twice and dc (kept in r order, float32) is updated in place.
+  After the loop one product-only launch gives dr_0.
 * Persistent loops (the backend's ``persistent_loops``): one launch runs a whole loop, forward or backward, on
   as many programs as the GPU has multiprocessors (at most one per tile), each taking every P-th tile of a
   step, then waiting at a grid barrier (an atomic counter, as CUDA's grid sync) until every program has
