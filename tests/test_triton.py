@@ -483,6 +483,8 @@ def test_kernels_compile_for_hopper(dtype):
     type rules, the lowering of every operation); the loop kernels' PTX holds the grid barrier, the step
     kernels' none."""
     pytest.importorskip("triton.compiler", reason="Triton's compiler")
+    for name in ("forward", "backward", "forward_loop", "backward_loop"):  # a JIT launch's cache key, which
+        assert triton_step._kernel(name, False).cache_key  # hashes the device functions' sources too, resolves
     half = dtype != "fp32"
     p = "*" + dtype
     fwd = {"G": p, "R": p, "R_next": p, "W": p, "RM": p, "OUT": p, "C": "*fp32", "C_next": "*fp32", "Q": "*fp32",
