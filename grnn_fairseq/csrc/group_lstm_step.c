@@ -123,27 +123,27 @@ static void forward_rows(int64_t begin, int64_t end, int64_t K, int64_t B, int64
      * group, so that each buffer is read and written in one stream per group, not K interleaved ones. */
     for (int64_t k = 0; k < K; k++) {
         for (int64_t b = first_b(begin, K, k); b * K + k < end; b++) {
-        const float *zr = z[k] + b * z_ld;
-        const float *xr = x ? x[k] + x_off + b * z_ld : NULL;
-        const float *cp = c_prev + k * c_gs + b * Hk;
-        float *cn = c_next + k * c_gs + b * Hk;
-        float *qr = q ? q + k * q_gs + b * 4 * Hk : NULL;
-        float *qcr = q ? qc + k * s_gs + b * Hk : NULL;
-        float *fr = q ? fs + k * s_gs + b * Hk : NULL;
-        if (xr && q) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 1, 1);
-        else if (xr) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 1, 0);
-        else if (q) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 0, 1);
-        else forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 0, 0);
-        if (shuffle) { /* h unit (k, u1*m + u2) -> r group u1, position u2*K + k */
-            for (int64_t u1 = 0; u1 < K; u1++) {
-                float *rr = r_next + u1 * r_gs + b * Hk + k;
-                const float *hr = h + u1 * m;
-                for (int64_t u2 = 0; u2 < m; u2++) rr[u2 * K] = hr[u2];
+            const float *zr = z[k] + b * z_ld;
+            const float *xr = x ? x[k] + x_off + b * z_ld : NULL;
+            const float *cp = c_prev + k * c_gs + b * Hk;
+            float *cn = c_next + k * c_gs + b * Hk;
+            float *qr = q ? q + k * q_gs + b * 4 * Hk : NULL;
+            float *qcr = q ? qc + k * s_gs + b * Hk : NULL;
+            float *fr = q ? fs + k * s_gs + b * Hk : NULL;
+            if (xr && q) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 1, 1);
+            else if (xr) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 1, 0);
+            else if (q) forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 0, 1);
+            else forward_row(Hk, zr, xr, cp, cn, h, qr, qcr, fr, 0, 0);
+            if (shuffle) { /* h unit (k, u1*m + u2) -> r group u1, position u2*K + k */
+                for (int64_t u1 = 0; u1 < K; u1++) {
+                    float *rr = r_next + u1 * r_gs + b * Hk + k;
+                    const float *hr = h + u1 * m;
+                    for (int64_t u2 = 0; u2 < m; u2++) rr[u2 * K] = hr[u2];
+                }
+            } else {
+                memcpy(r_next + k * r_gs + b * Hk, h, (size_t)Hk * sizeof(float));
             }
-        } else {
-            memcpy(r_next + k * r_gs + b * Hk, h, (size_t)Hk * sizeof(float));
-        }
-        if (out) memcpy(out + (b * K + k) * Hk, h, (size_t)Hk * sizeof(float)); /* row b of B x H, plain order */
+            if (out) memcpy(out + (b * K + k) * Hk, h, (size_t)Hk * sizeof(float)); /* row b of B x H, plain order */
         }
     }
 }
@@ -201,39 +201,39 @@ static void backward_rows(int64_t begin, int64_t end, int64_t K, int64_t B, int6
     const int64_t m = Hk / K;
     for (int64_t k = 0; k < K; k++) { /* the thread's rows group by group, as in forward_rows */
         for (int64_t b = first_b(begin, K, k); b * K + k < end; b++) {
-        if (dy) {
-            memcpy(dh, dy + k * dy_gs + b * dy_ld, (size_t)Hk * sizeof(float));
-        } else {
-            memset(dh, 0, (size_t)Hk * sizeof(float));
-        }
-        if (dr) { /* unshuffle: h unit (k, u1*m + u2) <- r group u1, position u2*K + k */
-            if (shuffle) {
-                for (int64_t u1 = 0; u1 < K; u1++) {
-                    const float *dr_row = dr[u1] + b * Hk + k;
-                    const float *rm_row = rm ? rm + (u1 * B + b) * Hk + k : NULL;
-                    float *dhr = dh + u1 * m;
+            if (dy) {
+                memcpy(dh, dy + k * dy_gs + b * dy_ld, (size_t)Hk * sizeof(float));
+            } else {
+                memset(dh, 0, (size_t)Hk * sizeof(float));
+            }
+            if (dr) { /* unshuffle: h unit (k, u1*m + u2) <- r group u1, position u2*K + k */
+                if (shuffle) {
+                    for (int64_t u1 = 0; u1 < K; u1++) {
+                        const float *dr_row = dr[u1] + b * Hk + k;
+                        const float *rm_row = rm ? rm + (u1 * B + b) * Hk + k : NULL;
+                        float *dhr = dh + u1 * m;
+                        if (rm_row) {
+                            for (int64_t u2 = 0; u2 < m; u2++) dhr[u2] += dr_row[u2 * K] * rm_row[u2 * K];
+                        } else {
+                            for (int64_t u2 = 0; u2 < m; u2++) dhr[u2] += dr_row[u2 * K];
+                        }
+                    }
+                } else {
+                    const float *dr_row = dr[k] + b * Hk;
+                    const float *rm_row = rm ? rm + (k * B + b) * Hk : NULL;
                     if (rm_row) {
-                        for (int64_t u2 = 0; u2 < m; u2++) dhr[u2] += dr_row[u2 * K] * rm_row[u2 * K];
+                        for (int64_t u = 0; u < Hk; u++) dh[u] += dr_row[u] * rm_row[u];
                     } else {
-                        for (int64_t u2 = 0; u2 < m; u2++) dhr[u2] += dr_row[u2 * K];
+                        for (int64_t u = 0; u < Hk; u++) dh[u] += dr_row[u];
                     }
                 }
-            } else {
-                const float *dr_row = dr[k] + b * Hk;
-                const float *rm_row = rm ? rm + (k * B + b) * Hk : NULL;
-                if (rm_row) {
-                    for (int64_t u = 0; u < Hk; u++) dh[u] += dr_row[u] * rm_row[u];
-                } else {
-                    for (int64_t u = 0; u < Hk; u++) dh[u] += dr_row[u];
-                }
             }
-        }
-        if (dh_add) {
-            const float *ar = dh_add + (k * B + b) * Hk;
-            for (int64_t u = 0; u < Hk; u++) dh[u] += ar[u];
-        }
-        backward_row(Hk, dh, q + k * q_gs + b * 4 * Hk, qc + k * s_gs + b * Hk, fs + k * s_gs + b * Hk,
-                     dc + (k * B + b) * Hk, dg + k * dg_gs + b * 4 * Hk);
+            if (dh_add) {
+                const float *ar = dh_add + (k * B + b) * Hk;
+                for (int64_t u = 0; u < Hk; u++) dh[u] += ar[u];
+            }
+            backward_row(Hk, dh, q + k * q_gs + b * 4 * Hk, qc + k * s_gs + b * Hk, fs + k * s_gs + b * Hk,
+                         dc + (k * B + b) * Hk, dg + k * dg_gs + b * 4 * Hk);
         }
     }
 }
