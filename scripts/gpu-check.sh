@@ -6,9 +6,9 @@
 #      that never opens hangs; the stages below leave the persistent loops out unless these passed
 #   3. python -m grnn_fairseq.benchmark --device cuda: Triton eager, with its loop graphs (--grnn-cuda-graphs)
 #      and with the persistent loops, the whole call captured as a CUDA graph, the PyTorch-ops step, cuDNN's
-#      nn.LSTM and FlashRNN (when its wheel is here) over the default grid, CUDA events, JSON and PNG; the target configuration
-#      (hidden 1024, bfloat16, T 35, B 64) first, FlashRNN there only, the configurations the time budget leaves
-#      out listed in the JSON
+#      nn.LSTM and FlashRNN (when its wheel is here) over the default grid, CUDA events, JSON and PNG; the
+#      issue's target configuration (hidden 1024, bfloat16, T 35, B 64) first, FlashRNN there only, the
+#      configurations the time budget leaves out listed in the JSON
 #   4. UPDATES (200) updates of fairseq-train --bf16 on Ding De-En: fairseq's lstm_wiseman_iwslt_de_en (the sizes
 #      of scripts/benchmark_models.py, decoder 512), group_rnnsearch_iwslt with 4 groups and the translation
 #      recipe's decoder flags (OURS of scripts/translation_report.py, read from it), and the same with

@@ -174,8 +174,6 @@ def _forward_tile(
         tl.store(F + s_off, gate_f, mask=mbj)  # dc_t -> dc_{t-1}
 
 
-
-
 def _backward_tile(
     DG, W, Q, QC, F, DC, DY, RM, DR, DC_ADD,  # pointers (None where a flag leaves them out)
     g, rb, ru, t, ts, B_next, T, B, K, Hk, dy_st, dy_sb, dy_sk,
@@ -240,8 +238,6 @@ def _backward_tile(
         tl.store(DC + r_off, dc * tl.load(F + s_off, mask=mbu, other=0.0), mask=mbu)  # dc_{t-1}
 
 
-
-
 _forward_tile = _DeviceFunction(_forward_tile)
 _backward_tile = _DeviceFunction(_backward_tile)
 
@@ -260,6 +256,17 @@ def _grid_barrier(SYNC, arrivals):
 
 
 _grid_barrier = _DeviceFunction(_grid_barrier)
+
+
+def _loop_tile(tile, K, nb, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Tile ``tile`` of a loop kernel's step, group fastest, then the nb row tiles, then the unit tiles: its group
+    (int64), rows (BLOCK_B) and units (BLOCK_U: h units forward, r-order units backward)."""
+    rows = tile // K % nb * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tile // (K * nb) * BLOCK_U + tl.arange(0, BLOCK_U)
+    return (tile % K).to(tl.int64), rows, units
+
+
+_loop_tile = _DeviceFunction(_loop_tile)
 
 
 def _forward_kernel(
@@ -286,17 +293,15 @@ def _forward_loop_kernel(
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_U: tl.constexpr,
 ):  # fmt: skip
     """Steps t, t + 1, ..., t + steps - 1 forward in one launch (persistent loops, module docstring): per step,
-    program p computes tiles p, p + P, p + 2P, ... (group fastest, then row tiles, then unit tiles; P programs,
-    every one resident at once), then waits at the grid barrier on SYNC (an int32 zero)."""
+    program p computes tiles p, p + P, p + 2P, ... (``_loop_tile``; P programs, every one resident at once),
+    then waits at the grid barrier on SYNC (an int32 zero)."""
     P = tl.num_programs(0)
     nb = (B + BLOCK_B - 1) // BLOCK_B
     tiles = K * nb * ((Hk + BLOCK_J - 1) // BLOCK_J)
     for s in range(0, steps):
         ts = (t + s).to(tl.int64) * B  # first row of step t + s
         for tile in range(tl.program_id(0), tiles, P):
-            k = (tile % K).to(tl.int64)
-            rb = tile // K % nb * BLOCK_B + tl.arange(0, BLOCK_B)
-            rj = tile // (K * nb) * BLOCK_J + tl.arange(0, BLOCK_J)
+            k, rb, rj = _loop_tile(tile, K, nb, BLOCK_B, BLOCK_J)
             _forward_tile(G, R, R_next, W, RM, C, C_next, Q, QC, F, OUT, k, rb, rj, ts, T, B, K, Hk, r_gs, c_gs,
                           SHUFFLE, SAVE, HAS_RM, HAS_PRODUCT, HAS_OUT, SCALE_G, UPCAST_DOT, PRECISION, BLOCK_B,
                           BLOCK_J, BLOCK_U)  # fmt: skip
@@ -335,9 +340,7 @@ def _backward_loop_kernel(
         tt = t - s  # the step
         rows_next = B * (tt + 1 < T).to(tl.int32)
         for tile in range(tl.program_id(0), tiles, P):
-            g = (tile % K).to(tl.int64)
-            rb = tile // K % nb * BLOCK_B + tl.arange(0, BLOCK_B)
-            ru = tile // (K * nb) * BLOCK_R + tl.arange(0, BLOCK_R)
+            g, rb, ru = _loop_tile(tile, K, nb, BLOCK_B, BLOCK_R)
             _backward_tile(DG, W, Q, QC, F, DC, DY, RM, None, DC_ADD, g, rb, ru, tt, tt.to(tl.int64) * B, rows_next,
                            T, B, K, Hk, dy_st, dy_sb, dy_sk, SHUFFLE, True, True, HAS_DY, HAS_RM, HAS_DC_ADD,
                            UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_R, BLOCK_N)  # fmt: skip
@@ -402,8 +405,9 @@ class StepLauncher:
     """
 
     def __init__(self, kernel, grid: Tuple[int, ...], options: dict, device: torch.device, reuse: bool = True):
-        """reuse: False for a launcher that launches once (the cell's), which never calls a variant directly."""
-        self.kernel, self.grid = kernel, tuple(grid) + (1,) * (3 - len(grid))  # a compiled launcher takes three
+        """reuse: False for a launcher that launches once (the cell's, a loop kernel's), which never calls a
+        variant directly (the step kernels' grids, which a direct launch passes on, have three dimensions)."""
+        self.kernel, self.grid = kernel, grid
         self.params = _parameters(kernel.fn)
         self.t_index = self.params.index("t")
         self.options = options  # Triton's launch options (num_warps), not kernel arguments
@@ -500,7 +504,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _resident_programs(device: torch.device) -> int:
-    """How many programs of a loop launch (``LOOP``) may spin on its grid barrier: one per multiprocessor on a
+    """How many programs of a loop kernel's launch may spin on its grid barrier: one per multiprocessor on a
     GPU (a program needs no more than one multiprocessor holds, so all run at once), one on the interpreter,
     which runs programs one after another (a second one would wait for a barrier the first never leaves)."""
     if device.type != "cuda":
