@@ -326,7 +326,8 @@ def fused_group_lstm_direction(
     if aten_at_one_group and w_ih.size(0) == 1 and lengths is None and recurrent_mask is None:
         # K = 1 is nn.LSTM (same weight layout, no shuffle): aten's LSTM kernel (oneDNN on CPU, cuDNN on
         # CUDA) beats a Python time loop there, whose per-step sgemm runs far below peak.
-        params = [w_ih[0], w_hh[0]] + ([] if b_ih is None else [b_ih[0], b_hh[0]])
+        # 1 x 4H x C -> 4H x C, ...: squeeze, whose gradient is a view (indexing's would fill a zero copy)
+        params = [w.squeeze(0) for w in (w_ih, w_hh, b_ih, b_hh) if w is not None]
         train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         out, h_n, c_n = torch._VF.lstm(x, (h.unsqueeze(0), c.unsqueeze(0)), params, b_ih is not None, 1, 0.0, train,
                                        False, False)  # fmt: skip

@@ -386,13 +386,16 @@ class CellSteps:
         self.cell, self.head = cell, head
         self.split = split and cell.groups == 1 and T > 1
         if self.split:
-            w_ih, w_hh = cell.weight_ih[0], cell.weight_hh[0]  # 4H x C, 4H x H
-            bias = None if cell.bias_ih is None else cell.bias_ih[0] + cell.bias_hh[0]  # 4H
+            # 1 x 4H x C -> 4H x C, 1 x 4H x H -> 4H x H (squeeze and split: their gradients are views and one
+            # concatenation, where indexing and slicing would fill a zero weight-sized gradient per use)
+            w_ih, w_hh = cell.weight_ih.squeeze(0), cell.weight_hh.squeeze(0)
+            w_head, w_tail = w_ih.split([E, w_ih.size(1) - E], dim=1)  # 4H x E, 4H x (C - E)
+            bias = None if cell.bias_ih is None else (cell.bias_ih + cell.bias_hh).squeeze(0)  # 1 x 4H -> 4H
             # a contiguous copy: a column slice of w_ih is a strided weight (oneDNN's reference kernel)
             # T x B x E -> T x B x 4H -> T x (B x 4H): one autograd node for all steps (indexing step t would
             # give each step's backward a zero-filled gradient of all T steps)
-            self.gates_head = linear(head, w_ih[:, :E].contiguous(), bias).unbind(0)
-            self.w_step = torch.cat([w_ih[:, E:], w_hh], dim=1)  # 4H x (C - E + H): [tail_t; h_{t-1}]
+            self.gates_head = linear(head, w_head.contiguous(), bias).unbind(0)
+            self.w_step = torch.cat([w_tail, w_hh], dim=1)  # 4H x (C - E + H): [tail_t; h_{t-1}]
 
     def __call__(self, t: int, tail: Tensor, hx: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
         if not self.split:

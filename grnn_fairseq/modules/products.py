@@ -341,7 +341,9 @@ def _grouped_linear_aten(xg: Tensor, weight: Tensor, bias: Optional[Tensor]) -> 
     """``xg[k] @ weight[k]^T + bias[k]`` on aten: mm for one group (at a decoder step's few rows its backward is
     faster than bmm's), else one (b)addbmm. xg: K x N x In, weight: K x Out x In, bias: K x Out or None -> K x N x Out."""
     if xg.size(0) == 1:
-        return F.linear(xg[0], weight[0], None if bias is None else bias[0]).unsqueeze(0)  # 1 x N x Out
+        # squeeze, not indexing: its gradient is a view, where indexing's fills a zero weight-sized one
+        out = F.linear(xg.squeeze(0), weight.squeeze(0), None if bias is None else bias.squeeze(0))  # N x Out
+        return out.unsqueeze(0)  # 1 x N x Out
     if bias is None:
         return torch.bmm(xg, weight.transpose(1, 2))  # K x N x In @ K x In x Out -> K x N x Out
     return torch.baddbmm(bias.unsqueeze(1), xg, weight.transpose(1, 2))
