@@ -7,6 +7,7 @@ from argparse import Namespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fairseq import checkpoint_utils, options, utils
 from fairseq.data import Dictionary
@@ -163,6 +164,29 @@ def test_split_first_layer_is_the_cell(groups):
     assert results[0][1].keys() == results[1][1].keys()
     for name in results[0][1]:
         torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_backward_fills_no_zero_weight_gradient():
+    """One-group weights are taken apart by squeeze and split (the split first layer, aten's LSTM at K = 1),
+    whose gradients are views and one concatenation: the model's backward runs no select_backward or
+    slice_backward to the shape of a weight (each a zero-filled weight-sized gradient and a copy, then a sum)."""
+    model = tiny(1)
+    src, lengths = left_padded_batch([5, 3, 4])
+    prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)
+    lp, _ = log_probs(model, src, lengths, prev)
+    filled = []  # the shapes that select_backward and slice_backward filled with zeros
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("select_backward", "slice_backward"):
+                filled.append(tuple(args[1]))  # (grad, input_sizes, dim, ...)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        lp.sum().backward()
+    weights = {tuple(w.shape[i:]) for w in model.parameters() for i in (0, 1) if w.dim() > 1}
+    assert model.decoder.first_layer.weight_ih.grad is not None
+    assert not weights & set(filled), (weights & set(filled), filled)
 
 
 @pytest.mark.parametrize("first_groups", [1, 2])
