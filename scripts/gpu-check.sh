@@ -15,11 +15,14 @@
 #      --grnn-persistent-loops, words per second, one run each (fairseq 0.12 reads --bf16 as --tpu; the plugin
 #      keeps it on the GPU where there is no torch_xla: grnn_fairseq/safeguards.py). fairseq needs numpy < 2:
 #      where the machine's compiled packages refuse numpy 1, its numpy 2 runs with numpy.compat.long put back.
+#   5. where the time left allows, scripts/profile_model.py on fairseq's LSTM and groups 4 as trained in 4 (10
+#      updates each, --bf16): kernels and launch calls per update, the GPU's busy time against the wall time, the
+#      top kernels
 #
-# What it writes lands in $OUT (default ./gpu-check-out), 9 files: gpu-check.log (all output), pytest-cuda.xml,
+# What it writes lands in $OUT (default ./gpu-check-out), 11 files: gpu-check.log (all output), pytest-cuda.xml,
 # pytest-cuda-persistent.xml, bench-cuda.json, bench-cuda.png, train-lstm.log, train-group4.log,
-# train-group4-persistent.log, summary.json; a short summary is printed last. Every stage runs whatever the
-# stages before it gave; the exit status is 1 if any of them failed.
+# train-group4-persistent.log, profile-lstm.txt, profile-group4.txt, summary.json; a short summary is printed
+# last. Every stage runs whatever the stages before it gave; the exit status is 1 if any of them failed.
 #
 # Usage:
 #   bash scripts/gpu-check.sh --prepare   with internet, once: the Python 3.12 x86-64 wheels the GPU machine
@@ -33,12 +36,12 @@
 # with the other wheels in front (fairseq needs numpy < 2). Without a CUDA GPU it says so and runs nothing.
 #
 # Time: every stage's timeout fits in BUDGET seconds from the start: the tests up to 110 s, the persistent
-# loops' up to 60 s, the benchmark up to 200 s (no configuration started in its last 90 s, since the first
+# loops' up to 60 s, the benchmark up to 170 s (no configuration started in its last 90 s, since the first
 # ones compile Triton's kernels; its JSON and PNG are written after every configuration), each training run up
-# to 80 s.
+# to 80 s, each profile up to 30 s (none started with less than 20 s left).
 #
 # Environment: PYTHON (python3), OUT, DATA (data/ding-de-en/data-bin), WHEELS (.whl), BUDGET (520),
-#   BENCH_REPEATS (10), UPDATES (200), STAGES (tests benchmark train: the stages to run)
+#   BENCH_REPEATS (10), UPDATES (200), STAGES (tests benchmark train profile: the stages to run)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,12 +53,13 @@ WHEELS="${WHEELS:-.whl}"
 BUDGET="${BUDGET:-520}"
 BENCH_REPEATS="${BENCH_REPEATS:-10}"
 UPDATES="${UPDATES:-200}"
-STAGES="${STAGES:-tests benchmark train}"
+STAGES="${STAGES:-tests benchmark train profile}"
 SITE=/tmp/gpu-check-site  # fairseq and its needs, for the training runs
 NUMPY1=/tmp/gpu-check-numpy1  # numpy < 2 for fairseq 0.12 (numpy.compat)
 SHIM=/tmp/gpu-check-shim  # else: the machine's numpy with numpy.compat.long put back (sitecustomize.py)
 FLASH=/tmp/gpu-check-flash  # FlashRNN, for the benchmark
-STAGE_NAMES=(tests persistent benchmark train-lstm train-group4 train-group4-persistent)  # the summary's, exit's
+STAGE_NAMES=(tests persistent benchmark train-lstm train-group4 train-group4-persistent profile-lstm
+             profile-group4)  # the summary's, exit's
 
 log() { echo "[gpu-check $(date +%H:%M:%S)] $*"; }
 die() { echo "[gpu-check] ERROR: $*" >&2; exit 1; }
@@ -174,6 +178,16 @@ train() {  # train NAME RESERVE ARCH-FLAGS...: one fairseq-train run, its log in
     grep -E "num. shared model params|train_inner" "$OUT/train-$name.log" | tail -n 3
 }
 
+profile() {  # profile NAME RESERVE ARCH-FLAGS...: scripts/profile_model.py on the training runs' recipe
+    local name="$1" reserve="$2"
+    shift 2
+    (( deadline - $(date +%s) - reserve >= 20 )) || { log "too little time left: no profile of $name"; return 0; }
+    env PYTHONPATH="$FAIRSEQ_PATH" timeout "$(limit 30 "$reserve")" "$PYTHON" "$ROOT/scripts/profile_model.py" \
+        "$DATA" --updates 10 --warmup 10 --rows 30 -- --bf16 "$@" > "$OUT/profile-$name.txt" 2>&1 \
+        || { tail -n 25 "$OUT/profile-$name.txt"; return 1; }
+    grep -E "words/s under|^per update" "$OUT/profile-$name.txt"
+}
+
 summarize() {  # the targets read from the benchmark's JSON and the training logs, into summary.json
     local stages="" name
     for name in "${STAGE_NAMES[@]}"; do
@@ -212,6 +226,14 @@ for name in ("lstm", "group4", "group4-persistent"):
     except OSError:
         wps[name] = None
 summary["words_per_second"] = wps
+profiles = {}
+for name in ("lstm", "group4"):  # the profiles' per-update lines
+    try:
+        with open(os.path.join(out, f"profile-{name}.txt")) as f:
+            profiles[name] = [l.strip() for l in f if "words/s under" in l or l.startswith("per update")]
+    except OSError:
+        profiles[name] = None
+summary["profile"] = profiles
 for name in ("group4", "group4-persistent"):  # target 1.5
     summary[f"{name}_x_lstm"] = wps[name] / wps["lstm"] if wps[name] and wps["lstm"] else None
 with open(os.path.join(out, "summary.json"), "w") as f:
@@ -234,6 +256,8 @@ else:
 print(f"fairseq-train --bf16 words/s: lstm_wiseman_iwslt_de_en {wps['lstm']}, group_rnnsearch_iwslt groups 4 "
       f"{wps['group4']}: {x(summary['group4_x_lstm'])}, with --grnn-persistent-loops {wps['group4-persistent']}: "
       f"{x(summary['group4-persistent_x_lstm'])} (target 1.50x)")
+for name, lines in profiles.items():
+    print(f"profile {name}: {' | '.join(lines) if lines else '-'}")
 EOF
 }
 
@@ -263,7 +287,7 @@ checks() {
             "leave them out"
     fi
 
-    bench_s=$(limit 200 240)
+    bench_s=$(limit 170 300)
     if [[ " $STAGES " == *" benchmark "* ]]; then
         stage benchmark env PYTHONPATH="$BASE_PATH:$FLASH" PYTHONUNBUFFERED=1 timeout "$bench_s" "$PYTHON" \
             -m grnn_fairseq.benchmark --device cuda --repeats "$BENCH_REPEATS" --warmup 3 --flashrnn target \
@@ -272,20 +296,26 @@ checks() {
             --json "$OUT/bench-cuda.json" --png "$OUT/bench-cuda.png"
     fi
 
-    if [[ " $STAGES " == *" train "* && -f "$DATA/dict.de.txt" ]]; then
+    if [[ " $STAGES " =~ " "(train|profile)" " && -f "$DATA/dict.de.txt" ]]; then
         fairseq_path || log "fairseq does not import here: the training runs will fail"
         # the translation recipe's model flags (docs/translation.md), as the translation report trains them
         mapfile -t OURS < <("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1])
 from translation_report import OURS; print("\n".join(OURS))' "$ROOT/scripts")
-        stage train-lstm train lstm 160 --arch lstm_wiseman_iwslt_de_en --encoder-bidirectional \
-            --encoder-layers 2 --encoder-hidden-size 256 --decoder-layers 2 --decoder-hidden-size 512
-        stage train-group4 train group4 80 --arch group_rnnsearch_iwslt --encoder-groups 4 --decoder-groups 4 \
-            "${OURS[@]}"
-        if [[ ${#persistent[@]} -gt 0 ]]; then
-            stage train-group4-persistent train group4-persistent 0 --arch group_rnnsearch_iwslt \
-                --encoder-groups 4 --decoder-groups 4 "${OURS[@]}" "${persistent[@]}"
+        LSTM=(--arch lstm_wiseman_iwslt_de_en --encoder-bidirectional --encoder-layers 2 --encoder-hidden-size 256
+              --decoder-layers 2 --decoder-hidden-size 512)
+        GROUP4=(--arch group_rnnsearch_iwslt --encoder-groups 4 --decoder-groups 4 "${OURS[@]}")
+        if [[ " $STAGES " == *" train "* ]]; then
+            stage train-lstm train lstm 220 "${LSTM[@]}"
+            stage train-group4 train group4 140 "${GROUP4[@]}"
         fi
-    elif [[ " $STAGES " == *" train "* ]]; then
+        if [[ " $STAGES " == *" train "* && ${#persistent[@]} -gt 0 ]]; then
+            stage train-group4-persistent train group4-persistent 60 "${GROUP4[@]}" "${persistent[@]}"
+        fi
+        if [[ " $STAGES " == *" profile "* ]]; then
+            stage profile-lstm profile lstm 30 "${LSTM[@]}"
+            stage profile-group4 profile group4 0 "${GROUP4[@]}"
+        fi
+    elif [[ " $STAGES " =~ " "(train|profile)" " ]]; then
         log "no $DATA (bash scripts/prepare-ding-de-en.sh, then carry it): the training runs are skipped"
     fi
 

@@ -12,7 +12,8 @@ Every fenced ```bash block of README.md and docs/*.md is read as shell, one simp
 * every ``--flag`` of a fairseq command-line tool (fairseq-train, -generate, -interactive, -eval-lm,
   -preprocess, -score) is known to fairseq's parser for that command's ``--arch``, ``--task``, criterion,
   optimizer, tokenizer and BPE, built in this process as fairseq builds it, with this plugin imported;
-  ``scripts/train-distributed.sh NPROC DATA FLAGS`` passes FLAGS to fairseq-train and is checked the same way;
+  ``scripts/train-distributed.sh NPROC DATA FLAGS`` passes FLAGS to fairseq-train and is checked the same way,
+  as are the flags after ``--`` of a project script;
 * ``VAR=value bash script.sh`` sets a variable that the script reads (itself, ``scripts/lib.sh`` when it
   sources it, or a script it runs), and ``VAR=value python ...`` one that the code or a standard library reads.
 
@@ -347,6 +348,15 @@ def check_command(env, argv):
 
 
 def check_script_flags(target, args):
+    problems = []
+    if "--" in args:  # after it, flags the script hands to fairseq-train (scripts/profile_model.py)
+        cut = args.index("--")
+        args, passed = args[:cut], args[cut + 1 :]
+        problems += [f"{target} -- fairseq-train: unknown {f}" for f in unknown_training_flags(passed)]
+    return problems + _own_flag_problems(target, args)
+
+
+def _own_flag_problems(target, args):
     parser = script_parser(target)
     flags = flags_of(args)
     if parser is None:

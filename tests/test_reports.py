@@ -4,6 +4,7 @@ and the tables format what they are given; scripts/translation_report.py end to 
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -88,11 +89,8 @@ def test_benchmark_models_table_names_the_batching():
     assert lines[-1] == "| m | 2.50M | 1234 | 812 MiB | 1.50x | 2.25x |"
 
 
-def test_translation_report_end_to_end(tmp_path):
-    """Two rows of the translation report, a few updates each on a tiny De-En corpus laid out as
-    prepare-ding-de-en.sh writes it: it trains, decodes, counts the recurrent parameters (the recipe's values at
-    the IWSLT sizes, whatever the vocabulary), measures the source use and writes both tables."""
-    translation_report = pytest.importorskip("translation_report")
+def tiny_de_en(tmp_path):
+    """A tiny De-En corpus laid out as prepare-ding-de-en.sh writes it (raw, tok, plain and data-bin)."""
     words = [("haus", "house"), ("katze", "cat"), ("hund", "dog"), ("baum", "tree"), ("buch", "book")]
     for folder in ("raw", "tok", "plain"):
         (tmp_path / folder).mkdir()
@@ -107,6 +105,14 @@ def test_translation_report_end_to_end(tmp_path):
                 (tmp_path / folder / f"{split}.{lang}").write_text(text)
     raw = tmp_path / "raw"
     preprocess_parallel([raw / "train", raw / "valid", raw / "test"], tmp_path / "data-bin", langs=("de", "en"))
+
+
+def test_translation_report_end_to_end(tmp_path):
+    """Two rows of the translation report, a few updates each on a tiny De-En corpus: it trains, decodes,
+    counts the recurrent parameters (the recipe's values at the IWSLT sizes, whatever the vocabulary), measures
+    the source use and writes both tables."""
+    translation_report = pytest.importorskip("translation_report")
+    tiny_de_en(tmp_path)
     models = ["fairseq lstm_wiseman_iwslt_de_en", "group_rnnsearch_iwslt, groups 2"]
     out = tmp_path / "report"
     translation_report.main([str(tmp_path), "--models", *models, "--updates", "2", "--bootstrap-samples", "10",
@@ -119,3 +125,16 @@ def test_translation_report_end_to_end(tmp_path):
     table = open(f"{out}.md").read().splitlines()
     assert table[2].startswith("| fairseq lstm_wiseman_iwslt_de_en | 1.31M |") and "| baseline |" in table[2]
     assert table[3].startswith("| group_rnnsearch_iwslt, groups 2 | 5.26M |")
+
+
+def test_profile_model_profiles_fairseq_updates(tmp_path, capsys):
+    """scripts/profile_model.py on CPU: fairseq's Trainer updates our model on real batches under the profiler,
+    and the table names the products that take the time."""
+    profile_model = pytest.importorskip("profile_model")
+    tiny_de_en(tmp_path)
+    profile_model.main([str(tmp_path / "data-bin"), "--updates", "2", "--warmup", "1", "--rows", "5", "--shapes",
+                        "--", "--arch", "group_rnnsearch_iwslt", "--encoder-groups", "4", "--decoder-groups", "4"])
+    out = capsys.readouterr().out
+    assert "--arch group_rnnsearch_iwslt --encoder-groups 4" in out.splitlines()[0]
+    assert re.search(r"^\d+ target words/s under the profiler, [\d.]+ ms per update", out, re.M)
+    assert "Self CPU" in out and "Input Shapes" in out
