@@ -19,7 +19,8 @@ gates i, f, g, o, a step is cut into tiles, one program each: grid (K, B / BLOCK
 * Persistent loops (the backend's ``persistent_loops``): one launch runs a whole loop, forward or backward, on
   as many programs as the GPU has multiprocessors (at most one per tile), each taking every P-th tile of a
   step, then waiting at a grid barrier (an atomic counter, as CUDA's grid sync) until every program has
-  finished the step: the host launches once per loop instead of T times. The final states' gradients enter
+  finished the step (T - 1 barriers: the launch's end orders the last step): the host launches once per loop
+  instead of T times. The final states' gradients enter
   through a float32 copy of the output gradient (dh_n) and a T x K x B x Hk tensor added to dc (dc_n). The
   interpreter runs programs one after another, so it runs a loop launch on one program (every tile, a barrier
   that opens at once); the barrier between programs is exercised on a GPU only.
@@ -294,7 +295,7 @@ def _forward_loop_kernel(
 ):  # fmt: skip
     """Steps t, t + 1, ..., t + steps - 1 forward in one launch (persistent loops, module docstring): per step,
     program p computes tiles p, p + P, p + 2P, ... (``_loop_tile``; P programs, every one resident at once),
-    then waits at the grid barrier on SYNC (an int32 zero)."""
+    then, but after the last step, waits at the grid barrier on SYNC (an int32 zero)."""
     P = tl.num_programs(0)
     nb = (B + BLOCK_B - 1) // BLOCK_B
     tiles = K * nb * ((Hk + BLOCK_J - 1) // BLOCK_J)
@@ -305,7 +306,8 @@ def _forward_loop_kernel(
             _forward_tile(G, R, R_next, W, RM, C, C_next, Q, QC, F, OUT, k, rb, rj, ts, T, B, K, Hk, r_gs, c_gs,
                           SHUFFLE, SAVE, HAS_RM, HAS_PRODUCT, HAS_OUT, SCALE_G, UPCAST_DOT, PRECISION, BLOCK_B,
                           BLOCK_J, BLOCK_U)  # fmt: skip
-        _grid_barrier(SYNC, P * (s + 1))
+        if s + 1 < steps:  # the launch's end orders the last step's writes before what runs after it
+            _grid_barrier(SYNC, P * (s + 1))
 
 
 def _backward_kernel(
@@ -344,7 +346,8 @@ def _backward_loop_kernel(
             _backward_tile(DG, W, Q, QC, F, DC, DY, RM, None, DC_ADD, g, rb, ru, tt, tt.to(tl.int64) * B, rows_next,
                            T, B, K, Hk, dy_st, dy_sb, dy_sk, SHUFFLE, True, True, HAS_DY, HAS_RM, HAS_DC_ADD,
                            UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_R, BLOCK_N)  # fmt: skip
-        _grid_barrier(SYNC, P * (s + 1))
+        if s + 1 < steps:
+            _grid_barrier(SYNC, P * (s + 1))
 
 
 # step index, step count and sizes that vary per batch: one compiled variant for all
