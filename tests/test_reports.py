@@ -1,6 +1,7 @@
 """scripts/designs_report.py and scripts/ablation_shuffle.py without training: every row's flags parse in this
 checkout (a typo would otherwise surface only in the lead's hours-long run), the two scripts share their runs,
-and the tables format what they are given; scripts/translation_report.py end to end on a tiny corpus."""
+and the tables format what they are given; scripts/translation_report.py end to end on a tiny corpus, and
+scripts/profile_model.py on it."""
 
 import json
 import os
@@ -128,8 +129,8 @@ def test_translation_report_end_to_end(tmp_path):
 
 
 def test_profile_model_profiles_fairseq_updates(tmp_path, capsys):
-    """scripts/profile_model.py on CPU: fairseq's Trainer updates our model on real batches under the profiler,
-    and the table names the products that take the time."""
+    """scripts/profile_model.py on CPU: fairseq's Trainer updates groups 4 on the tiny corpus's batches under the
+    profiler, and the table, by input shapes, lists the products."""
     profile_model = pytest.importorskip("profile_model")
     tiny_de_en(tmp_path)
     profile_model.main([str(tmp_path / "data-bin"), "--updates", "2", "--warmup", "1", "--rows", "5", "--shapes",
@@ -138,3 +139,4 @@ def test_profile_model_profiles_fairseq_updates(tmp_path, capsys):
     assert "--arch group_rnnsearch_iwslt --encoder-groups 4" in out.splitlines()[0]
     assert re.search(r"^\d+ target words/s under the profiler, [\d.]+ ms per update", out, re.M)
     assert "Self CPU" in out and "Input Shapes" in out
+    assert re.search(r"aten::(addmm|mm|bmm) |mkldnn::_linear_pointwise ", out)
