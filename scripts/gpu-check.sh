@@ -15,13 +15,13 @@
 #      --grnn-persistent-loops, words per second, one run each (fairseq 0.12 reads --bf16 as --tpu; the plugin
 #      keeps it on the GPU where there is no torch_xla: grnn_fairseq/safeguards.py). fairseq needs numpy < 2:
 #      where the machine's compiled packages refuse numpy 1, its numpy 2 runs with numpy.compat.long put back.
-#   5. where the time left allows, scripts/profile_model.py on fairseq's LSTM and groups 4 as trained in 4 (10
-#      updates each, --bf16): kernels and launch calls per update, the GPU's busy time against the wall time, the
-#      top kernels
+#   5. in the time the stages above leave, scripts/profile_model.py on groups 4 (with the persistent loops when
+#      their tests passed) and fairseq's LSTM as trained in 4 (10 updates each, --bf16): kernels and launch calls
+#      per update, the GPU's busy time against the wall time, the top kernels
 #
 # What it writes lands in $OUT (default ./gpu-check-out), 11 files: gpu-check.log (all output), pytest-cuda.xml,
 # pytest-cuda-persistent.xml, bench-cuda.json, bench-cuda.png, train-lstm.log, train-group4.log,
-# train-group4-persistent.log, profile-lstm.txt, profile-group4.txt, summary.json; a short summary is printed
+# train-group4-persistent.log, profile-group4.txt, profile-lstm.txt, summary.json; a short summary is printed
 # last. Every stage runs whatever the stages before it gave; the exit status is 1 if any of them failed.
 #
 # Usage:
@@ -38,7 +38,7 @@
 # Time: every stage's timeout fits in BUDGET seconds from the start: the tests up to 110 s, the persistent
 # loops' up to 60 s, the benchmark up to 170 s (no configuration started in its last 90 s, since the first
 # ones compile Triton's kernels; its JSON and PNG are written after every configuration), each training run up
-# to 80 s, each profile up to 30 s (none started with less than 20 s left).
+# to 80 s; then each profile up to 30 s in what is left (none started with less than 20 s).
 #
 # Environment: PYTHON (python3), OUT, DATA (data/ding-de-en/data-bin), WHEELS (.whl), BUDGET (520),
 #   BENCH_REPEATS (10), UPDATES (200), STAGES (tests benchmark train profile: the stages to run)
@@ -58,8 +58,8 @@ SITE=/tmp/gpu-check-site  # fairseq and its needs, for the training runs
 NUMPY1=/tmp/gpu-check-numpy1  # numpy < 2 for fairseq 0.12 (numpy.compat)
 SHIM=/tmp/gpu-check-shim  # else: the machine's numpy with numpy.compat.long put back (sitecustomize.py)
 FLASH=/tmp/gpu-check-flash  # FlashRNN, for the benchmark
-STAGE_NAMES=(tests persistent benchmark train-lstm train-group4 train-group4-persistent profile-lstm
-             profile-group4)  # the summary's, exit's
+STAGE_NAMES=(tests persistent benchmark train-lstm train-group4 train-group4-persistent profile-group4
+             profile-lstm)  # the summary's, exit's
 
 log() { echo "[gpu-check $(date +%H:%M:%S)] $*"; }
 die() { echo "[gpu-check] ERROR: $*" >&2; exit 1; }
@@ -227,7 +227,7 @@ for name in ("lstm", "group4", "group4-persistent"):
         wps[name] = None
 summary["words_per_second"] = wps
 profiles = {}
-for name in ("lstm", "group4"):  # the profiles' per-update lines
+for name in ("group4", "lstm"):  # the profiles' per-update lines
     try:
         with open(os.path.join(out, f"profile-{name}.txt")) as f:
             profiles[name] = [l.strip() for l in f if "words/s under" in l or l.startswith("per update")]
@@ -287,7 +287,7 @@ checks() {
             "leave them out"
     fi
 
-    bench_s=$(limit 170 300)
+    bench_s=$(limit 170 240)
     if [[ " $STAGES " == *" benchmark "* ]]; then
         stage benchmark env PYTHONPATH="$BASE_PATH:$FLASH" PYTHONUNBUFFERED=1 timeout "$bench_s" "$PYTHON" \
             -m grnn_fairseq.benchmark --device cuda --repeats "$BENCH_REPEATS" --warmup 3 --flashrnn target \
@@ -305,15 +305,15 @@ from translation_report import OURS; print("\n".join(OURS))' "$ROOT/scripts")
               --decoder-layers 2 --decoder-hidden-size 512)
         GROUP4=(--arch group_rnnsearch_iwslt --encoder-groups 4 --decoder-groups 4 "${OURS[@]}")
         if [[ " $STAGES " == *" train "* ]]; then
-            stage train-lstm train lstm 220 "${LSTM[@]}"
-            stage train-group4 train group4 140 "${GROUP4[@]}"
+            stage train-lstm train lstm 160 "${LSTM[@]}"
+            stage train-group4 train group4 80 "${GROUP4[@]}"
         fi
         if [[ " $STAGES " == *" train "* && ${#persistent[@]} -gt 0 ]]; then
-            stage train-group4-persistent train group4-persistent 60 "${GROUP4[@]}" "${persistent[@]}"
+            stage train-group4-persistent train group4-persistent 0 "${GROUP4[@]}" "${persistent[@]}"
         fi
-        if [[ " $STAGES " == *" profile "* ]]; then
-            stage profile-lstm profile lstm 30 "${LSTM[@]}"
-            stage profile-group4 profile group4 0 "${GROUP4[@]}"
+        if [[ " $STAGES " == *" profile "* ]]; then  # in the time the stages above left
+            stage profile-group4 profile group4 20 "${GROUP4[@]}" ${persistent[@]+"${persistent[@]}"}
+            stage profile-lstm profile lstm 0 "${LSTM[@]}"
         fi
     elif [[ " $STAGES " =~ " "(train|profile)" " ]]; then
         log "no $DATA (bash scripts/prepare-ding-de-en.sh, then carry it): the training runs are skipped"
