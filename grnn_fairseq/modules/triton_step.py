@@ -20,10 +20,10 @@ gates i, f, g, o, a step is cut into tiles, one program each: grid (K, B / BLOCK
   as many programs as the GPU has multiprocessors (at most one per tile), each taking every P-th tile of a
   step, then waiting at a grid barrier (an atomic counter, as CUDA's grid sync) until every program has
   finished the step (T - 1 barriers: the launch's end orders the last step): the host launches once per loop
-  instead of T times. The final states' gradients enter
-  through a float32 copy of the output gradient (dh_n) and a T x K x B x Hk tensor added to dc (dc_n). The
-  interpreter runs programs one after another, so it runs a loop launch on one program (every tile, a barrier
-  that opens at once); the barrier between programs is exercised on a GPU only.
+  instead of T times. The final states' gradients enter through a float32 copy of the output gradient (dh_n)
+  and a T x K x B x Hk tensor added to dc (dc_n). The interpreter runs programs one after another, so it runs a
+  loop launch on one program (every tile, a barrier that opens at once); the barrier between programs is
+  exercised on a GPU only.
 * The weight and input gradients are one batched product each over all T*B rows after the loop
   (``fused_group_lstm.py``), as on CPU.
 
