@@ -49,6 +49,9 @@ CANDIDATES = {
 }
 BASELINES = ["fairseq lstm_wiseman_iwslt_de_en, decoder 256", "fairseq lstm_wiseman_iwslt_de_en, decoder 512"]
 BATCHING = {"batch-size": ["--batch-size", "32"], "max-tokens": ["--max-tokens", "4000"]}
+# what every candidate trains with beside its model flags and batching (scripts/profile_model.py's too)
+RECIPE = ["--task", "translation", "--optimizer", "adam", "--lr", "0.001", "--clip-norm", "2.5", "--num-workers",
+          "0", "--seed", "1", "--required-batch-size-multiple", "1"]  # fmt: skip
 LOG_INTERVAL = 20
 
 
@@ -86,11 +89,9 @@ def candidate_flags(name, products):
 
 
 def words_per_second(data, flags, batching, updates, warmup, env):
-    cmd = [os.path.join(BIN, "fairseq-train"), data, "--user-dir", os.path.join(ROOT, "grnn_fairseq"),
-           "--task", "translation", *flags, "--optimizer", "adam", "--lr", "0.001", "--clip-norm", "2.5",
-           *BATCHING[batching], "--max-update", str(updates), "--disable-validation", "--no-save",
-           "--log-format", "simple", "--log-interval", str(LOG_INTERVAL), "--num-workers", "0", "--seed", "1",
-           "--required-batch-size-multiple", "1"]  # fmt: skip
+    cmd = [os.path.join(BIN, "fairseq-train"), data, "--user-dir", os.path.join(ROOT, "grnn_fairseq"), *RECIPE,
+           *flags, *BATCHING[batching], "--max-update", str(updates), "--disable-validation", "--no-save",
+           "--log-format", "simple", "--log-interval", str(LOG_INTERVAL)]  # fmt: skip
     code, log, peak_mib = run_measured(cmd, env)
     if code != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{log[-3000:]}")

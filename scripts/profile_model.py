@@ -25,11 +25,9 @@ from torch.autograd import DeviceType
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import grnn_fairseq  # noqa: E402,F401  (its safeguards: --bf16 on a GPU without torch_xla)
-from grnn_fairseq.benchmark import processor_name  # noqa: E402
+from benchmark_models import BATCHING, RECIPE  # noqa: E402
+from grnn_fairseq.benchmark import processor_name  # noqa: E402  (grnn_fairseq's safeguards: --bf16 on a GPU)
 
-RECIPE = ["--task", "translation", "--optimizer", "adam", "--lr", "0.001", "--clip-norm", "2.5", "--max-tokens",
-          "4000", "--seed", "1", "--required-batch-size-multiple", "1", "--num-workers", "0"]  # fmt: skip
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 
 
@@ -41,7 +39,7 @@ def build(data: str, flags):
 
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [data, "--user-dir", os.path.join(ROOT, "grnn_fairseq"), *RECIPE,
-                                                *flags])  # fmt: skip
+                                                *BATCHING["max-tokens"], *flags])  # fmt: skip
     cfg = convert_namespace_to_omegaconf(args)
     torch.manual_seed(cfg.common.seed)
     task = tasks.setup_task(cfg.task)
