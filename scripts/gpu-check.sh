@@ -307,16 +307,17 @@ from translation_report import OURS; print("\n".join(OURS))' "$ROOT/scripts")
         if [[ " $STAGES " == *" train "* ]]; then
             stage train-lstm train lstm 160 "${LSTM[@]}"
             stage train-group4 train group4 80 "${GROUP4[@]}"
-        fi
-        if [[ " $STAGES " == *" train "* && ${#persistent[@]} -gt 0 ]]; then
-            stage train-group4-persistent train group4-persistent 0 "${GROUP4[@]}" "${persistent[@]}"
+            if [[ ${#persistent[@]} -gt 0 ]]; then
+                stage train-group4-persistent train group4-persistent 0 "${GROUP4[@]}" "${persistent[@]}"
+            fi
         fi
         if [[ " $STAGES " == *" profile "* ]]; then  # in the time the stages above left
             stage profile-group4 profile group4 20 "${GROUP4[@]}" ${persistent[@]+"${persistent[@]}"}
             stage profile-lstm profile lstm 0 "${LSTM[@]}"
         fi
     elif [[ " $STAGES " =~ " "(train|profile)" " ]]; then
-        log "no $DATA (bash scripts/prepare-ding-de-en.sh, then carry it): the training runs are skipped"
+        log "no $DATA (bash scripts/prepare-ding-de-en.sh, then carry it): the training runs and profiles are" \
+            "skipped"
     fi
 
     summarize || log "the summary failed"
