@@ -1,10 +1,13 @@
 """The fused group LSTM path against the autograd path and ``group_lstm_reference``: outputs and every gradient."""
 
+import contextlib
 import copy
 import itertools
+from typing import List
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from grnn_fairseq.modules import backend, group_lstm, steps
 from grnn_fairseq.modules.functional import step_mask
@@ -190,6 +193,43 @@ def test_retain_graph_gives_the_same_gradients_twice(fused_mode):
     first = torch.autograd.grad(y.sum(), x, retain_graph=True)[0]
     second = torch.autograd.grad(y.sum(), x)[0]
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("used", ["y", "y h", "y c", "h"])
+def test_unused_outputs_send_no_gradient_into_the_loop(fused_mode, used):
+    """An output the loss does not use (an encoder's h_n and c_n) reaches the backward as None, not as zeros:
+    the gradients equal the autograd path's, and with the output sequence alone the backward loop adds in no
+    final state (no index_copy at the steps where rows end, no lengths read back)."""
+    module, x, hx = make_case(2, torch.float64, True, True, True)
+    lengths = torch.tensor([5, 2, 4])
+
+    def run(fused, ops=None):
+        fused_mode(fused)
+        module.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        y, (h, c) = module(xg, hx, lengths=lengths)
+        outputs = {"y": y, "h": h, "c": c}
+        loss = sum((outputs[name] * torch.linspace(-1, 1, outputs[name].numel(), dtype=y.dtype).view_as(outputs[name])).sum()
+                   for name in used.split())  # fmt: skip
+        with ops or contextlib.nullcontext():
+            loss.backward()
+        return [xg.grad] + [p.grad for p in module.parameters()]
+
+    class Ops(TorchDispatchMode):
+        names: List[str]
+
+        def __enter__(self):
+            self.names = []
+            return super().__enter__()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    ops = Ops()
+    assert_close(run(True, ops), run(False), TOL[torch.float64])
+    if used == "y":
+        assert "index_copy_" not in ops.names and "index_select" not in ops.names, ops.names
 
 
 @pytest.mark.cuda

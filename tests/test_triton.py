@@ -72,9 +72,10 @@ def layer_case(T, B, I, H, K, dtype=torch.float32, device="cpu", padded=False, d
     return tensors, lengths, rmask
 
 
-def run_layer(step, tensors, shuffle, lengths, rmask, final_only=False, graphs=False, persistent=False):
+def run_layer(step, tensors, shuffle, lengths, rmask, reads="all", graphs=False, persistent=False):
     """Outputs, h_n, c_n and the gradients of all seven inputs of one weighted-sum loss, on ``step``; K = 1
-    stays on the step (no aten LSTM). final_only: the loss reads h_n and c_n only (no output gradient).
+    stays on the step (no aten LSTM). reads: what the loss reads, "all", "final" (h_n and c_n: no output
+    gradient) or "output" (no final-state gradients).
     graphs, persistent: the backend's cuda_graphs and persistent_loops."""
     inputs = [t.detach().clone().requires_grad_(True) for t in tensors]
     with backend.use(step=step, cuda_graphs=graphs, persistent_loops=persistent):
@@ -83,7 +84,7 @@ def run_layer(step, tensors, shuffle, lengths, rmask, final_only=False, graphs=F
         out, h_n, c_n = fused_group_lstm_direction(*inputs, shuffle, lengths, rmask, aten_at_one_group=False)
         gen = torch.Generator().manual_seed(1)
         loss = sum((v.float() * torch.randn(v.shape, generator=gen).to(v.device)).sum()
-                   for v in ((h_n, c_n) if final_only else (out, h_n, c_n)))  # fmt: skip
+                   for v in {"all": (out, h_n, c_n), "final": (h_n, c_n), "output": (out,)}[reads])  # fmt: skip
         grads = torch.autograd.grad(loss, inputs)
     return [out, h_n, c_n, *grads]
 
@@ -116,12 +117,14 @@ def test_float32_layer_matches_pytorch_step(K, shuffle, padded):
     assert_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("reads", ["final", "output"])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_final_state_gradient_only(shuffle):
-    """No output gradient (d_out None): h_n's and c_n's gradients enter at each sequence's last step."""
+def test_one_kind_of_gradient_only(shuffle, reads):
+    """No output gradient (d_out None): h_n's and c_n's gradients enter at each sequence's last step; no
+    final-state gradients (d_hn and d_cn None): the output's alone."""
     tensors, lengths, rmask = layer_case(5, 3, 8, 16, 2, padded=True)
-    got = run_layer("triton", tensors, shuffle, lengths, rmask, final_only=True)
-    want = run_layer("torch", tensors, shuffle, lengths, rmask, final_only=True)
+    got = run_layer("triton", tensors, shuffle, lengths, rmask, reads)
+    want = run_layer("torch", tensors, shuffle, lengths, rmask, reads)
     assert_close(got, want, 1e-5)
 
 
@@ -281,18 +284,18 @@ def direct_launches(monkeypatch):
     return counts
 
 
-@pytest.mark.parametrize("final_only", [False, True], ids=["output", "final-state"])
-def test_direct_launches_match_jit_launches(direct_launches, final_only):
+@pytest.mark.parametrize("reads", ["all", "final"])
+def test_direct_launches_match_jit_launches(direct_launches, reads):
     """After the first launch of each argument set, a loop's steps call the compiled variant's launcher with
     the bound arguments, t replaced: the same outputs and gradients as launching every step through the JIT
     (padding, recurrent dropout, final-state gradients entering mid-loop, which switch the output gradient to
     the step's own copy)."""
     tensors, lengths, rmask = layer_case(5, 3, 8, 16, 2, padded=True, dropout=True)
-    got = run_layer("triton", tensors, True, lengths, rmask, final_only=final_only)
+    got = run_layer("triton", tensors, True, lengths, rmask, reads)
     counts = dict(direct_launches)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(triton_step, "_direct_launch_supported", lambda device: False)
-        want = run_layer("triton", tensors, True, lengths, rmask, final_only=final_only)
+        want = run_layer("triton", tensors, True, lengths, rmask, reads)
     assert_close(got, want, 0.0)
     # forward: 1 JIT launch, then 4 direct; backward: its first step (no step t+1), the second (the first with
     # one) and the last product (dr_0) through the JIT, the other 3 steps direct
@@ -356,32 +359,32 @@ def test_cell_matches_pytorch_cell(fused_mode, launches, dtype, K):
     assert launches == {"forward": 6, "backward": 6}
 
 
-@pytest.mark.parametrize("final_only", [False, True], ids=["all", "final"])
-def test_loop_graph_buffers_match_eager(final_only):
+@pytest.mark.parametrize("reads", ["all", "final", "output"])
+def test_loop_graph_buffers_match_eager(reads):
     """cuda_graphs on the interpreter: the loops run on LoopGraphs' own buffers (the copies in and out, dh_n and
     dc_n entering at each row's last step through the float32 output gradient and DC) and give the eager loops'
     numbers, with padding, the shuffle and recurrent dropout, on the first call and on a key seen before."""
     triton_step.LOOP_GRAPHS.clear()
     tensors, lengths, rmask = layer_case(5, 6, 8, 16, 2, padded=True, dropout=True)
-    want = run_layer("triton", tensors, True, lengths, rmask, final_only)
+    want = run_layer("triton", tensors, True, lengths, rmask, reads)
     for _ in range(2):
-        got = run_layer("triton", tensors, True, lengths, rmask, final_only, graphs=True)
+        got = run_layer("triton", tensors, True, lengths, rmask, reads, graphs=True)
         assert_close(got, want, 1e-6)
     assert triton_step.LOOP_GRAPHS.seen and not triton_step.LOOP_GRAPHS.graphs  # nothing is captured on CPU
 
 
-@pytest.mark.parametrize("final_only", [False, True], ids=["output", "final-state"])
+@pytest.mark.parametrize("reads", ["all", "final", "output"])
 @pytest.mark.parametrize("T,B,H,K,shuffle", [(5, 3, 16, 1, False), (5, 3, 16, 4, False), (5, 3, 16, 4, True),
                                              (4, 20, 64, 2, True)])  # the last: 2 row tiles x 2 unit tiles
-def test_persistent_loops_match_pytorch_step(launches, T, B, H, K, shuffle, final_only):
+def test_persistent_loops_match_pytorch_step(launches, T, B, H, K, shuffle, reads):
     """persistent_loops on the interpreter (one program, which computes every tile of a step and passes the
     grid barrier alone): a launch for the forward loop, one for the backward loop and dr_0's, and TorchStep's
     numbers, with padding, recurrent dropout and the final states' gradients entering at each row's last step
     (dh_n through the output gradient, dc_n through DC_ADD); persistent_loops before cuda_graphs."""
     tensors, lengths, rmask = layer_case(T, B, 16, H, K, padded=True, dropout=True)
-    got = run_layer("triton", tensors, shuffle, lengths, rmask, final_only, graphs=True, persistent=True)
+    got = run_layer("triton", tensors, shuffle, lengths, rmask, reads, graphs=True, persistent=True)
     assert launches == {"forward": 1, "backward": 2}
-    want = run_layer("torch", tensors, shuffle, lengths, rmask, final_only)
+    want = run_layer("torch", tensors, shuffle, lengths, rmask, reads)
     assert_close(got, want, 1e-5)
 
 

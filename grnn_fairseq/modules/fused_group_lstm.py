@@ -222,6 +222,9 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask):
+        # an output the loss does not use (an encoder's h_n and c_n) gets None, not a zero tensor that the
+        # backward loop would add in at every step where sequences end
+        ctx.set_materialize_grads(False)
         out, h_n, c_n, saved = _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save=True)
         slabs, Q, QC, F, R, rm, ctx.step = saved  # the backward pass runs the forward's step backend
         for slab in slabs:
@@ -246,7 +249,8 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
             d_out = d_out.contiguous()  # T x B x H
         dhn = None if d_hn is None else d_hn.view(B, K, Hk).transpose(0, 1)  # B x H -> K x B x H/K
         dcn = None if d_cn is None else d_cn.view(B, K, Hk).transpose(0, 1)
-        ends = _sequence_ends(lengths, T, B, x.device)
+        # where each row's final-state gradients enter (lengths.tolist(): a wait for the GPU); none to enter: none
+        ends = _sequence_ends(lengths, T, B, x.device) if d_hn is not None or d_cn is not None else [None] * (T + 1)
 
         # the backward loop: DG[:, t] = d(pre-activation gates) of step t
         scratch_slab, (DG,) = _WORKSPACE.take([tuple(Q.shape)], x)
