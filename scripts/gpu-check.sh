@@ -9,12 +9,13 @@
 #      nn.LSTM and FlashRNN (when its wheel is here) over the default grid, CUDA events, JSON and PNG; the
 #      issue's target configuration (hidden 1024, bfloat16, T 35, B 64) first, FlashRNN there only, the
 #      configurations the time budget leaves out listed in the JSON
-#   4. UPDATES (200) updates of fairseq-train --bf16 on Ding De-En: fairseq's lstm_wiseman_iwslt_de_en (the sizes
-#      of scripts/benchmark_models.py, decoder 512), group_rnnsearch_iwslt with 4 groups and the translation
-#      recipe's decoder flags (OURS of scripts/translation_report.py, read from it), and the same with
-#      --grnn-persistent-loops, words per second, one run each (fairseq 0.12 reads --bf16 as --tpu; the plugin
-#      keeps it on the GPU where there is no torch_xla: grnn_fairseq/safeguards.py). fairseq needs numpy < 2:
-#      where the machine's compiled packages refuse numpy 1, its numpy 2 runs with numpy.compat.long put back.
+#   4. UPDATES (200) updates of fairseq-train --bf16 on Ding De-En with scripts/benchmark_models.py's recipe
+#      (Adam, --max-tokens 4000): fairseq's lstm_wiseman_iwslt_de_en (its sizes, decoder 512),
+#      group_rnnsearch_iwslt with 4 groups and the translation recipe's decoder flags (OURS of
+#      scripts/translation_report.py), and the same with --grnn-persistent-loops, words per second, one run
+#      each (fairseq 0.12 reads --bf16 as --tpu; the plugin keeps it on the GPU where there is no torch_xla:
+#      grnn_fairseq/safeguards.py). fairseq needs numpy < 2: where the machine's compiled packages refuse
+#      numpy 1, its numpy 2 runs with numpy.compat.long put back.
 #   5. in the time the stages above leave, scripts/profile_model.py on groups 4 (with the persistent loops when
 #      their tests passed) and fairseq's LSTM as trained in 4 (10 updates each, --bf16): kernels and launch calls
 #      per update, the GPU's busy time against the wall time, the top kernels
@@ -171,10 +172,9 @@ train() {  # train NAME RESERVE ARCH-FLAGS...: one fairseq-train run, its log in
     local name="$1" reserve="$2"
     shift 2
     env PYTHONPATH="$FAIRSEQ_PATH" timeout "$(limit 80 "$reserve")" "$PYTHON" -m fairseq_cli.train \
-        "$DATA" --user-dir "$ROOT/grnn_fairseq" --task translation --bf16 --optimizer adam --lr 0.001 \
-        --clip-norm 2.5 --max-tokens 4000 --max-update "$UPDATES" --disable-validation --no-save \
-        --log-format simple --log-interval 20 --num-workers 0 --seed 1 --required-batch-size-multiple 1 "$@" \
-        > "$OUT/train-$name.log" 2>&1 || { tail -n 25 "$OUT/train-$name.log"; return 1; }
+        "$DATA" --user-dir "$ROOT/grnn_fairseq" "${RECIPE[@]}" --bf16 --max-update "$UPDATES" \
+        --disable-validation --no-save --log-format simple --log-interval 20 "$@" > "$OUT/train-$name.log" 2>&1 \
+        || { tail -n 25 "$OUT/train-$name.log"; return 1; }
     grep -E "num. shared model params|train_inner" "$OUT/train-$name.log" | tail -n 3
 }
 
@@ -298,11 +298,14 @@ checks() {
 
     if [[ " $STAGES " =~ " "(train|profile)" " && -f "$DATA/dict.de.txt" ]]; then
         fairseq_path || log "fairseq does not import here: the training runs will fail"
-        # the translation recipe's model flags (docs/translation.md), as the translation report trains them
-        mapfile -t OURS < <("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1])
-from translation_report import OURS; print("\n".join(OURS))' "$ROOT/scripts")
-        LSTM=(--arch lstm_wiseman_iwslt_de_en --encoder-bidirectional --encoder-layers 2 --encoder-hidden-size 256
-              --decoder-layers 2 --decoder-hidden-size 512)
+        # a line each: scripts/benchmark_models.py's recipe and max-tokens batching (what profile_model.py trains
+        # with) and its fairseq baseline of decoder 512; the translation recipe's model flags (docs/translation.md)
+        { read -ra RECIPE; read -ra LSTM; read -ra OURS; } < <("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1])
+from benchmark_models import BATCHING, CANDIDATES, RECIPE
+from translation_report import OURS
+lstm = CANDIDATES["fairseq lstm_wiseman_iwslt_de_en, decoder 512"]
+for flags in (RECIPE + BATCHING["max-tokens"], lstm, OURS): print(" ".join(flags))' "$ROOT/scripts")
+        [[ ${#RECIPE[@]} -gt 0 ]] || log "scripts/benchmark_models.py's recipe could not be read: the runs will fail"
         GROUP4=(--arch group_rnnsearch_iwslt --encoder-groups 4 --decoder-groups 4 "${OURS[@]}")
         if [[ " $STAGES " == *" train "* ]]; then
             stage train-lstm train lstm 160 "${LSTM[@]}"
