@@ -17,8 +17,9 @@
 #      grnn_fairseq/safeguards.py). fairseq needs numpy < 2: where the machine's compiled packages refuse
 #      numpy 1, its numpy 2 runs with numpy.compat.long put back.
 #   5. in the time the stages above leave, scripts/profile_model.py on groups 4 (with the persistent loops when
-#      their tests passed) and fairseq's LSTM as trained in 4 (10 updates each, --bf16): kernels and launch calls
-#      per update, the GPU's busy time against the wall time, the top kernels
+#      their tests passed) and fairseq's LSTM as trained in 4 (10 updates each, --bf16): the host's time in the
+#      update's forward, backward and optimizer, its waits for the GPU, kernels and launch calls per update, the
+#      GPU's busy time against the wall time, the top kernels
 #
 # What it writes lands in $OUT (default ./gpu-check-out), 11 files: gpu-check.log (all output), pytest-cuda.xml,
 # pytest-cuda-persistent.xml, bench-cuda.json, bench-cuda.png, train-lstm.log, train-group4.log,
@@ -185,7 +186,7 @@ profile() {  # profile NAME RESERVE ARCH-FLAGS...: scripts/profile_model.py on t
     env PYTHONPATH="$FAIRSEQ_PATH" timeout "$(limit 30 "$reserve")" "$PYTHON" "$ROOT/scripts/profile_model.py" \
         "$DATA" --updates 10 --warmup 10 --rows 30 -- --bf16 "$@" > "$OUT/profile-$name.txt" 2>&1 \
         || { tail -n 25 "$OUT/profile-$name.txt"; return 1; }
-    grep -E "words/s under|^per update" "$OUT/profile-$name.txt"
+    grep -E "words/s under|^per update|^host ms per update" "$OUT/profile-$name.txt"
 }
 
 summarize() {  # the targets read from the benchmark's JSON and the training logs, into summary.json
@@ -230,7 +231,7 @@ profiles = {}
 for name in ("group4", "lstm"):  # the profiles' per-update lines
     try:
         with open(os.path.join(out, f"profile-{name}.txt")) as f:
-            profiles[name] = [l.strip() for l in f if "words/s under" in l or l.startswith("per update")]
+            profiles[name] = [l.strip() for l in f if "words/s under" in l or l.startswith(("per update", "host ms"))]
     except OSError:
         profiles[name] = None
 summary["profile"] = profiles

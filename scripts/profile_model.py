@@ -8,10 +8,12 @@ optimizer, --bf16, gradient clipping) over real batches, under torch.profiler, o
 The flags after ``--`` are fairseq-train's (model and precision: ``--bf16`` on a GPU); the rest of the recipe is
 scripts/benchmark_models.py's (Adam, lr 0.001, clip 2.5, --max-tokens 4000, seed 1). After --warmup updates
 (allocator, packing, Triton's compilation), --updates updates are profiled. Printed: target words per second
-under the profiler, the host's profiled events per update and, on a GPU, the kernels run and the host's kernel
-launch calls per update with the GPU's busy time against the wall time (far below: the update waits on its
-launches), then the operators by self time on the device (GPU) or the CPU, grouped by input shapes with
---shapes. Diagnostic only: the profiler's own cost lowers the speed; scripts/benchmark_models.py measures speed.
+under the profiler, the host's profiled events per update, the host's time per update in each part of fairseq's
+update (forward, backward, ..., optimizer) and, on a GPU, the calls in which the host waits for the GPU, the
+kernels run and the host's kernel launch calls per update with the GPU's busy time against the wall time (far
+below: the update waits on its launches), then the operators by self time on the device (GPU) or the CPU,
+grouped by input shapes with --shapes. Diagnostic only: the profiler's own cost lowers the speed;
+scripts/benchmark_models.py measures speed.
 """
 
 import argparse
@@ -29,6 +31,10 @@ from benchmark_models import BATCHING, RECIPE  # noqa: E402
 from grnn_fairseq.benchmark import processor_name  # noqa: E402  (grnn_fairseq's safeguards: --bf16 on a GPU)
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+# calls in which the host waits for the GPU (a tensor read back, .item(), an explicit synchronize)
+WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# the parts of fairseq's update that its task and Trainer label with record_function
+PHASES = ("forward", "backward", "reduce-grads", "multiply-grads", "clip-grads", "optimizer")
 
 
 def build(data: str, flags):
@@ -91,7 +97,14 @@ def main(argv=None):
     print(f"{words / wall:.0f} target words/s under the profiler, {wall / n * 1e3:.1f} ms per update, "
           f"{sum(e.count for e in events if e.device_type == DeviceType.CPU) / n:.0f} host events per update "
           f"(operators, their nested calls, autograd nodes)")
+    host = {key: sum(e.cpu_time_total for e in events if e.key == key and e.device_type == DeviceType.CPU) / 1e3 / n
+            for key in PHASES}  # fmt: skip
+    print(f"host ms per update: {', '.join(f'{key} {ms:.1f}' for key, ms in host.items())}, the rest "
+          f"{wall / n * 1e3 - sum(host.values()):.1f}")
     if cuda:
+        waits = [e for e in events if e.key in WAITS]
+        print(f"per update: {sum(e.count for e in waits) / n:.0f} calls that wait for the GPU "
+              f"({sum(e.cpu_time_total for e in waits) / 1e3 / n:.1f} ms)")
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
         busy = sum(e.self_device_time_total for e in kernels) / 1e3 / n  # microseconds -> ms
         launches = sum(e.count for e in events if e.key in LAUNCHES) / n

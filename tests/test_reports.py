@@ -130,7 +130,8 @@ def test_translation_report_end_to_end(tmp_path):
 
 def test_profile_model_profiles_fairseq_updates(tmp_path, capsys):
     """scripts/profile_model.py on CPU: fairseq's Trainer updates groups 4 on the tiny corpus's batches under the
-    profiler, and the table, by input shapes, lists the products."""
+    profiler, the host's time in fairseq's forward, backward and optimizer is found, and the table, by input
+    shapes, lists the products."""
     profile_model = pytest.importorskip("profile_model")
     tiny_de_en(tmp_path)
     profile_model.main([str(tmp_path / "data-bin"), "--updates", "2", "--warmup", "1", "--rows", "5", "--shapes",
@@ -138,5 +139,8 @@ def test_profile_model_profiles_fairseq_updates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--arch group_rnnsearch_iwslt --encoder-groups 4" in out.splitlines()[0]
     assert re.search(r"^\d+ target words/s under the profiler, [\d.]+ ms per update", out, re.M)
+    phases = re.search(r"^host ms per update: forward ([\d.]+), backward ([\d.]+), .*optimizer ([\d.]+), the rest", out,
+                       re.M)  # fmt: skip
+    assert phases and all(float(ms) > 0 for ms in phases.groups()), out
     assert "Self CPU" in out and "Input Shapes" in out
     assert re.search(r"aten::(addmm|mm|bmm) |mkldnn::_linear_pointwise ", out)
