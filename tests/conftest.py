@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 import os
 import random
@@ -7,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 torch.set_num_threads(1)  # in-process tests use tiny tensors; see fairseq_cli() below
 
@@ -31,6 +33,46 @@ def fused_mode():
     previous = backend.set_default(backend.Backend())
     yield set_mode
     backend.set_default(previous)
+
+
+class Dispatched(TorchDispatchMode):
+    """Every operator dispatched inside the block, forward and backward passes alike: ``names`` in order, and
+    ``args`` (name -> the positional arguments of each call) for the operators named in ``keep_args``."""
+
+    def __init__(self, keep_args=()):
+        super().__init__()
+        self.names, self.keep_args = [], set(keep_args)
+        self.args = {name: [] for name in self.keep_args}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.names.append(name)
+        if name in self.keep_args:
+            self.args[name].append(args)
+        return func(*args, **(kwargs or {}))
+
+
+# operators that, on CUDA tensors, wait for every queued kernel: a tensor read as a Python value (item, bool,
+# int: _local_scalar_dense), a comparison answered on the host, and outputs whose size depends on the values
+DEVICE_WAITS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique", "_unique2",
+                "unique_dim", "unique_consecutive"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def device_waits():
+    """The calls inside the block that would make the host wait for a GPU on CUDA tensors, on any device: the
+    operators of ``DEVICE_WAITS`` and ``Tensor.tolist``/``numpy`` (which on CPU tensors dispatch nothing), as
+    a list of names that the block fills."""
+    waits = []
+    with Dispatched() as ops, pytest.MonkeyPatch.context() as patch:
+        for method in ("tolist", "numpy"):
+            def reads(self, *args, _method=method, _original=getattr(torch.Tensor, method), **kwargs):
+                waits.append(_method)
+                return _original(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, method, reads)
+        yield waits
+    waits.extend(name for name in ops.names if name in DEVICE_WAITS)
 
 
 def fairseq_cli(command, *args, check=True, timeout=600, input=None, env=None):

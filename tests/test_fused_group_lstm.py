@@ -3,12 +3,10 @@
 import contextlib
 import copy
 import itertools
-from typing import List
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import Dispatched, device_waits
 from grnn_fairseq.modules import backend, group_lstm, steps
 from grnn_fairseq.modules.functional import step_mask
 from grnn_fairseq.modules.fused_group_lstm import FusedGroupLSTMFunction, fused_supported
@@ -206,22 +204,28 @@ def test_unused_outputs_send_no_gradient_into_the_loop(fused_mode, reads):
     module, x, hx = make_case(2, torch.float64, True, True, True)
     lengths = torch.tensor([5, 2, 4])
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names: List[str] = []  # every operator the backward dispatched
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    ops = Ops()
+    ops = Dispatched()  # every operator the backward dispatched
     fused_mode(True)
     fused = outputs_and_grads(run_module, module, x, hx, lengths, reads, backward_mode=ops)
     fused_mode(False)
     assert_close(fused, outputs_and_grads(run_module, module, x, hx, lengths, reads), TOL[torch.float64])
     if reads == "y":
         assert "index_copy_" not in ops.names and "index_select" not in ops.names, ops.names
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_padded_stack_passes_its_lengths_on(fused_mode, K):
+    """GroupLSTM hands its lengths to every layer's fused call rather than have each recover them from the mask
+    (a comparison that, on a GPU, waits for every queued kernel): its forward of a padded batch reads nothing back
+    to the host; the lengths recovered from a bare mask are the same."""
+    module, x, hx = make_case(K, torch.float64, True, True, True)
+    lengths = torch.tensor([5, 2, 4])
+    fused_mode(True)
+    with device_waits() as waits:
+        module(x, hx, lengths=lengths)
+    assert waits == [], waits
+    mask = step_mask(lengths, T, x.device)
+    assert torch.equal(fused_supported(x, module.weight_hh_l0, True, mask)[1], lengths)
 
 
 @pytest.mark.cuda

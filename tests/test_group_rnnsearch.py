@@ -7,13 +7,12 @@ from argparse import Namespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fairseq import checkpoint_utils, options, utils
 from fairseq.data import Dictionary
 from fairseq.tasks.translation import TranslationTask
 
-from conftest import USER_DIR, fairseq_train_in_process
+from conftest import USER_DIR, Dispatched, device_waits, fairseq_train_in_process
 
 utils.import_user_module(Namespace(user_dir=USER_DIR))  # what --user-dir does: registers the models
 
@@ -166,6 +165,20 @@ def test_split_first_layer_is_the_cell(groups):
         torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=0, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("design", [*DESIGNS, "residual"])
+def test_a_training_step_never_waits_for_the_device(fused_mode, design):
+    """Forward and backward of a padded batch in training mode read no tensor back to the host: on a GPU each
+    such read waits for every queued kernel, and the host stops queueing the next ones."""
+    fused_mode(True)
+    model = tiny(4, "luong", *(RESIDUAL if design == "residual" else DESIGNS[design])).train()
+    src, lengths = left_padded_batch([5, 3, 4])
+    prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)
+    with device_waits() as waits:
+        lp, _ = log_probs(model, src, lengths, prev)
+        lp.sum().backward()
+    assert waits == [], waits
+
+
 def test_backward_fills_no_zero_weight_gradient():
     """One-group weights are taken apart by squeeze and split (the split first layer, aten's LSTM at K = 1),
     whose gradients are views and one concatenation: the model's backward runs no select_backward or
@@ -174,16 +187,10 @@ def test_backward_fills_no_zero_weight_gradient():
     src, lengths = left_padded_batch([5, 3, 4])
     prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)
     lp, _ = log_probs(model, src, lengths, prev)
-    filled = []  # the shapes that select_backward and slice_backward filled with zeros
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in ("select_backward", "slice_backward"):
-                filled.append(tuple(args[1]))  # (grad, input_sizes, dim, ...)
-            return func(*args, **(kwargs or {}))
-
-    with Ops():
+    with Dispatched(keep_args=("select_backward", "slice_backward")) as ops:
         lp.sum().backward()
+    # the shapes that select_backward and slice_backward filled with zeros: args (grad, input_sizes, dim, ...)
+    filled = [tuple(args[1]) for calls in ops.args.values() for args in calls]
     weights = {tuple(w.shape[i:]) for w in model.parameters() for i in (0, 1) if w.dim() > 1}
     assert model.decoder.first_layer.weight_ih.grad is not None
     assert not weights & set(filled), (weights & set(filled), filled)

@@ -19,6 +19,8 @@ from grnn_fairseq.modules import backend, group_lstm, steps, triton_step  # noqa
 from grnn_fairseq.modules.fused_group_lstm import fused_group_lstm_direction  # noqa: E402
 from grnn_fairseq.modules.group_lstm import GroupLSTM, GroupLSTMCell, group_lstm_reference  # noqa: E402
 
+from conftest import device_waits  # noqa: E402
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # relative error bounds against float32 PyTorch operations on the same (rounded) inputs
 HALF_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -394,6 +396,29 @@ def test_persistent_loops_in_bfloat16():
     want = run_layer("triton", tensors, True, lengths, rmask)
     got = run_layer("triton", tensors, True, lengths, rmask, persistent=True)
     assert_close(got, want, 1e-6, relative=True)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["steps", "persistent"])
+@pytest.mark.parametrize("K", [1, 4])
+def test_padded_stack_never_waits_for_the_device(K, persistent):
+    """What a GPU runs, on the interpreter: a padded GroupLSTM (two bidirectional layers, a sequence of length 0,
+    a loss of the outputs and of h_n and c_n) on the Triton step reads no tensor back to the host in its forward
+    or backward pass (on a GPU each read waits for every queued kernel), and equals the PyTorch step."""
+    torch.manual_seed(0)
+    module = GroupLSTM(8, 16, num_layers=2, groups=K, bidirectional=True)
+    x, h0 = torch.randn(5, 3, 8), torch.randn(4, 3, 16)
+    lengths = torch.tensor([5, 0, 3])
+    results = []
+    for step in ("triton", "torch"):
+        inputs = [v.clone().requires_grad_(True) for v in (x, h0, h0)]
+        with backend.use(step=step, persistent_loops=persistent), device_waits() as waits:
+            y, (h, c) = module(inputs[0], tuple(inputs[1:]), lengths=lengths)
+            loss = (y * y).sum() + (h * c).sum() + c.sum()
+            grads = torch.autograd.grad(loss, inputs + list(module.parameters()))
+        if step == "triton":
+            assert waits == [], waits
+        results.append([y, h, c, *grads])
+    assert_close(*results, 1e-5)
 
 
 def test_loop_graphs_decide_per_key():

@@ -174,7 +174,7 @@ class FactorizedLSTM(RecurrentStack):
         return [("rank", None)] + super()._repr_settings() + [("bias", True), ("shuffle_time", True),
                                                                ("recurrent_dropout", 0.0)]  # fmt: skip
 
-    def run_direction(self, x, state, weights, layer, direction, mask):
+    def run_direction(self, x, state, weights, layer, direction, mask, lengths):
         out, h, c = factorized_lstm_direction(x, *state, *weights, self.shuffle_time, mask, self.recurrent_mask(state[0]))
         return out, (h, c)
 

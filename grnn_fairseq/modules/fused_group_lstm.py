@@ -42,12 +42,14 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def fused_supported(
-    x: Tensor, w_hh: Tensor, shuffle_time: bool, mask: Optional[Tensor]
+    x: Tensor, w_hh: Tensor, shuffle_time: bool, mask: Optional[Tensor], lengths: Optional[Tensor] = None
 ) -> Tuple[bool, Optional[Tensor]]:
     """Whether the fused path computes this call; also returns the lengths (B, long) that ``mask`` encodes.
 
     mask: T x B x 1 boolean (True inside the sequence) or None. Only prefix masks (what ``step_mask`` makes
-    from right-padded lengths) are supported; float16 and bfloat16 only on the Triton step.
+    from right-padded lengths) are supported; float16 and bfloat16 only on the Triton step. lengths: the
+    lengths mask was made from, when the caller knows them (returned as they are), else None: they are
+    recovered from mask and checked against it, which on a GPU waits for every queued kernel.
     """
     K, G4, Hk = w_hh.size()
     if not x.dtype.is_floating_point or (x.dtype in HALF and step_kind(x) != "triton"):
@@ -58,6 +60,8 @@ def fused_supported(
         return False, None
     if mask is None:
         return True, None
+    if lengths is not None:
+        return True, lengths
     T = x.size(0)
     m = mask.reshape(T, -1)  # T x B
     lengths = m.sum(0)  # B
@@ -197,18 +201,6 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
     return out, h_n, c_n, ((saved_slabs, Q, QC, F, R, rm, (kind, loops)) if save else None)
 
 
-def _sequence_ends(lengths: Optional[Tensor], T: int, B: int, device) -> List[Optional[Tensor]]:
-    """ends[t + 1]: the rows (B, long) whose sequence's last step is t (ends[0]: empty sequences), or None."""
-    ends: List[Optional[Tensor]] = [None] * (T + 1)
-    if lengths is None:
-        ends[T] = torch.arange(B, device=device)
-        return ends
-    by_length: List[List[int]] = [[] for _ in range(T + 1)]
-    for b, n in enumerate(lengths.tolist()):
-        by_length[n].append(b)
-    return [torch.tensor(e, device=device) if e else None for e in by_length]
-
-
 class FusedGroupLSTMFunction(torch.autograd.Function):
     """One group LSTM layer in one direction over a whole sequence, with a hand-written backward through time.
 
@@ -249,26 +241,24 @@ class FusedGroupLSTMFunction(torch.autograd.Function):
             d_out = d_out.contiguous()  # T x B x H
         dhn = None if d_hn is None else d_hn.view(B, K, Hk).transpose(0, 1)  # B x H -> K x B x H/K
         dcn = None if d_cn is None else d_cn.view(B, K, Hk).transpose(0, 1)
-        # where each row's final-state gradients enter (lengths.tolist(): a wait for the GPU); none to enter: none
-        ends = _sequence_ends(lengths, T, B, x.device) if d_hn is not None or d_cn is not None else [None] * (T + 1)
-
         # the backward loop: DG[:, t] = d(pre-activation gates) of step t
         scratch_slab, (DG,) = _WORKSPACE.take([tuple(Q.shape)], x)
         buf = StepBuffers(x=x, K=K, T=T, B=B, Hk=Hk, shuffle=shuffle, R=R, Q=Q, QC=QC, F=F, rm=rm, w_hh_grad=w_hh,
                           d_out=d_out, DG=DG)  # fmt: skip
         kind, loops = ctx.step
         step = make_step(buf, forward=False, kind=kind, loops=loops)
-        step.backward_loop(ends, dhn, dcn)  # the sequences whose last step is t take their dh_n and dc_n there
+        step.backward_loop(lengths, dhn, dcn)  # each row takes its dh_n and dc_n at its last step
         dr, dc = step.finish_backward(), step.dc
         dh0 = x.new_zeros(K, B, Hk)
         if dr is not None:
             dh0.view(step.h_shape).copy_(_h_view(dr.unsqueeze(1), K, shuffle).squeeze(1))  # unshuffle into h order
-        if ends[0] is not None:
-            e = ends[0]  # empty sequences: the final state is the initial state
+        if (dhn is not None or dcn is not None) and (lengths is not None or T == 0):
+            # rows without a step (length 0): the final state is the initial state
+            empty = (lengths == 0) if lengths is not None else torch.ones(B, dtype=torch.bool, device=x.device)
             if dhn is not None:
-                dh0.index_add_(1, e, dhn.index_select(1, e))
+                dh0.add_(dhn * empty.view(1, B, 1))
             if dcn is not None:
-                dc.index_add_(1, e, dcn.index_select(1, e).to(dc.dtype))
+                dc.add_(dcn * empty.view(1, B, 1))
 
         need = ctx.needs_input_grad
         DG = DG.view(K, T * B, G4)  # K x T x B x 4H/K -> K x (T*B) x 4H/K

@@ -79,8 +79,12 @@ def group_lstm_direction(
     shuffle_time: bool,
     mask: Optional[Tensor] = None,
     recurrent_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Run one layer in one direction over a whole sequence; shapes as ``group_lstm_direction_autograd``.
+
+    lengths: the B lengths (long) that ``mask`` encodes, when it is ``step_mask(lengths)``, or None: the fused
+    path then takes them as they are instead of recovering them from the mask, a check that waits for the GPU.
 
     Dispatches to the fused autograd Function (hand-written backward through time, the fast path for
     training and inference) when it supports the call, else to the readable batched autograd path: with the
@@ -99,21 +103,21 @@ def group_lstm_direction(
     if backend.fused():
         device = x.device.type
         if x.dtype in HALF or torch.is_autocast_enabled(device):
-            half = _half_on_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurrent_mask)
+            half = _half_on_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurrent_mask, lengths)
             if half is not None:
                 return half
             dtype = x.dtype if x.dtype in HALF else torch.float32
             up = [None if v is None else v.float() for v in (x, h, c, w_ih, w_hh, b_ih, b_hh, recurrent_mask)]
             with torch.autocast(device_type=device, enabled=False):
-                out, h_n, c_n = group_lstm_direction(*up[:7], shuffle_time, mask, up[7])
+                out, h_n, c_n = group_lstm_direction(*up[:7], shuffle_time, mask, up[7], lengths)
             return out.to(dtype), h_n.to(dtype), c_n.to(dtype)
-        ok, lengths = fused_supported(x, w_hh, shuffle_time, mask)
+        ok, lengths = fused_supported(x, w_hh, shuffle_time, mask, lengths)
         if ok:
             return fused_group_lstm_direction(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, lengths, recurrent_mask)
     return group_lstm_direction_autograd(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurrent_mask)
 
 
-def _half_on_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurrent_mask):
+def _half_on_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurrent_mask, lengths):
     """``group_lstm_direction``'s fused path in float16/bfloat16 on the Triton step (x's dtype, else autocast's),
     or None where that step does not run the call."""
     device = x.device.type
@@ -121,7 +125,7 @@ def _half_on_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurre
     if dtype not in HALF or step_kind(x) != "triton":
         return None
     with torch.autocast(device_type=device, enabled=False):
-        ok, lengths = fused_supported(x, w_hh, shuffle_time, mask)
+        ok, lengths = fused_supported(x, w_hh, shuffle_time, mask, lengths)
         if not ok:
             return None
         args = [None if v is None else v.to(dtype) for v in (x, h, c, w_ih, w_hh, b_ih, b_hh, recurrent_mask)]
@@ -251,8 +255,9 @@ class GroupLSTM(RecurrentStack):
     def _repr_settings(self):
         return super()._repr_settings() + [("bias", True), ("shuffle_time", True), ("recurrent_dropout", 0.0)]
 
-    def run_direction(self, x, state, weights, layer, direction, mask):
-        out, h, c = group_lstm_direction(x, *state, *weights, self.shuffle_time, mask, self.recurrent_mask(state[0]))
+    def run_direction(self, x, state, weights, layer, direction, mask, lengths):
+        rmask = self.recurrent_mask(state[0])
+        out, h, c = group_lstm_direction(x, *state, *weights, self.shuffle_time, mask, rmask, lengths)
         return out, (h, c)
 
     @torch.no_grad()

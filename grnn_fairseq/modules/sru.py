@@ -214,7 +214,7 @@ class SRU(RecurrentStack):
                 nn.init.uniform_(weight, -bound, bound)
                 nn.init.zeros_(bias)
 
-    def run_direction(self, x, state, weights, layer, direction, mask):
+    def run_direction(self, x, state, weights, layer, direction, mask, lengths):
         (c0,) = state
         H = self.hidden_size
         highway = None if self.has_projection(layer) else x[..., direction * H : (direction + 1) * H]

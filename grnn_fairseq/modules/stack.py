@@ -129,10 +129,12 @@ class RecurrentStack(nn.Module):
         return None
 
     def run_direction(self, x: Tensor, state: Tuple[Tensor, ...], weights: Tuple[Optional[Tensor], ...], layer: int,
-                      direction: int, mask: Optional[Tensor]) -> Tuple[Tensor, Tuple[Tensor, ...]]:  # fmt: skip
+                      direction: int, mask: Optional[Tensor],
+                      lengths: Optional[Tensor]) -> Tuple[Tensor, Tuple[Tensor, ...]]:  # fmt: skip
         """One layer in one direction over the whole sequence: x T x B x I_l (reversed already for the reverse
         direction), state: B x H tensors in ``STATES`` order, weights: ``layer_weights(layer, direction)``,
-        mask T x B x 1 or None. Returns (output T x B x H, final states)."""
+        mask T x B x 1 or None, lengths: the B lengths (long, on x's device) that mask encodes (``step_mask``), or
+        None. Returns (output T x B x H, final states)."""
         raise NotImplementedError
 
     def forward(self, input: Tensor, hx=None, lengths: Optional[Tensor] = None):
@@ -140,6 +142,8 @@ class RecurrentStack(nn.Module):
         if C != self.input_size:
             raise ValueError(f"{type(self).__name__} expected input of size {self.input_size}, got {C}")
         states0 = self.init_state(input, hx)
+        if lengths is not None:
+            lengths = lengths.to(device=input.device, dtype=torch.long)  # B
         mask = step_mask(lengths, T, input.device)
         x = input
         finals: List[List[Tensor]] = [[] for _ in self.STATES]
@@ -152,7 +156,8 @@ class RecurrentStack(nn.Module):
                 idx = layer * self.num_directions + direction
                 xd = x if direction == 0 else reverse_padded(x, lengths)
                 weights = self.layer_weights(layer, direction)
-                out, final = self.run_direction(xd, tuple(s[idx] for s in states0), weights, layer, direction, mask)
+                state = tuple(s[idx] for s in states0)
+                out, final = self.run_direction(xd, state, weights, layer, direction, mask, lengths)
                 outputs.append(out if direction == 0 else reverse_padded(out, lengths))
                 for f, s in zip(finals, final):
                     f.append(s)

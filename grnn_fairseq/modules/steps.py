@@ -214,13 +214,15 @@ class Step:
             self.forward_step(t)
         self.finish_forward()
 
-    def backward_loop(self, ends: List[Optional[Tensor]], dhn: Optional[Tensor], dcn: Optional[Tensor]) -> None:
-        """Every backward step, last first. ends[t + 1]: the rows whose sequence ends at step t (long), or None;
-        dhn, dcn: K x B x H/K (h order), the gradients of h_n and c_n, or None; they enter at each row's last
-        step."""
+    def backward_loop(self, lengths: Optional[Tensor], dhn: Optional[Tensor], dcn: Optional[Tensor]) -> None:
+        """Every backward step, last first. dhn, dcn: K x B x H/K (h order), the gradients of h_n and c_n, or
+        None; they enter at each row's last step, lengths[b] - 1 (T - 1 without lengths; the rows of length 0
+        are the caller's). Finding the rows that end at each step reads lengths on the host: on a GPU that
+        waits for the queued kernels (the Triton step places the gradients without reading them)."""
         b = self.buf
+        ends = _sequence_ends(lengths, b.T, b.B, b.x.device) if dhn is not None or dcn is not None else None
         for t in range(b.T - 1, -1, -1):
-            done = ends[t + 1]
+            done = None if ends is None else ends[t + 1]
             dh_add = dc_add = None
             if done is not None:
                 if dhn is not None:
@@ -228,6 +230,18 @@ class Step:
                 if dcn is not None:
                     dc_add = b.x.new_zeros(b.K, b.B, b.Hk).index_copy_(1, done, dcn.index_select(1, done))
             self.backward_step(t, dh_add, dc_add)
+
+
+def _sequence_ends(lengths: Optional[Tensor], T: int, B: int, device) -> List[Optional[Tensor]]:
+    """ends[t + 1]: the rows (B, long) whose sequence's last step is t (ends[0]: empty sequences), or None."""
+    ends: List[Optional[Tensor]] = [None] * (T + 1)
+    if lengths is None:
+        ends[T] = torch.arange(B, device=device)
+        return ends
+    by_length: List[List[int]] = [[] for _ in range(T + 1)]
+    for b, n in enumerate(lengths.tolist()):
+        by_length[n].append(b)
+    return [torch.tensor(e, device=device) if e else None for e in by_length]
 
 
 class TorchStep(Step):

@@ -700,40 +700,56 @@ class TritonStep(Step):
 
         LOOP_GRAPHS.run(key, make, copy_in, copy_out, b.x.is_cuda)
 
-    def _final_states_in(self, ends, dhn: Optional[Tensor], dcn: Optional[Tensor]) -> Optional[Tensor]:
+    def _final_states_in(self, lengths: Optional[Tensor], dhn: Optional[Tensor],
+                         dcn: Optional[Tensor]) -> Optional[Tensor]:  # fmt: skip
         """The final states' gradients for a loop that adds them at each row's last step itself: dh_n into a
         float32 copy of the output gradient, dc_n into the returned DC (T x K x B x H/K, h order; None without
-        dc_n). ``ends`` as ``Step.backward_loop``'s."""
+        dc_n). Each row's last step is lengths[b] - 1 (T - 1 without lengths), placed on the device without
+        reading lengths back; the rows of length 0 are the caller's. Arguments as ``Step.backward_loop``'s."""
         T, B, K, Hk = self.sizes
-        device = self.buf.x.device
-        # rows: the n rows with a last step (ends[0], the empty ones, are the caller's), at: that step
-        ended = [(t, e) for t, e in enumerate(ends[1:]) if e is not None]
-        rows = torch.cat([e for _, e in ended]) if ended else torch.zeros(0, dtype=torch.long, device=device)
-        at = torch.cat([torch.full_like(e, t) for t, e in ended]) if ended else rows
+        if dhn is None and dcn is None:
+            return None
+        rows = torch.arange(B, device=self.buf.x.device)  # B
+        if lengths is None:
+            at, keep = rows.new_full((B,), T - 1), None  # B: each row's last step
+        else:  # the empty rows add zeros (at step 0)
+            at, keep = (lengths - 1).clamp(min=0), (lengths > 0).view(B, 1, 1)
+
+        def placed(d: Tensor) -> Tensor:  # K x B x H/K -> B x K x H/K, float32, zero in the empty rows
+            d = d.transpose(0, 1).float()
+            return d if keep is None else d * keep
+
         if dhn is not None:
-            dh = dhn.transpose(0, 1).index_select(0, rows).float()  # K x B x H/K -> n x K x H/K
-            self._own_dy().view(T, B, K, Hk).index_put_((at, rows), dh, accumulate=True)
+            self._own_dy().view(T, B, K, Hk).index_put_((at, rows), placed(dhn), accumulate=True)
         if dcn is None:
             return None
-        DC = torch.zeros(T, K, B, Hk, dtype=torch.float32, device=device)
-        dc = dcn.transpose(0, 1).index_select(0, rows).float()  # K x B x H/K -> n x K x H/K
-        DC.permute(0, 2, 1, 3).index_put_((at, rows), dc)  # T x B x K x H/K view
+        DC = torch.zeros(T, K, B, Hk, dtype=torch.float32, device=rows.device)
+        DC.permute(0, 2, 1, 3).index_put_((at, rows), placed(dcn))  # T x B x K x H/K view
         return DC
 
-    def backward_loop(self, ends, dhn, dcn) -> None:
+    def _backward_launches(self, DC: Optional[Tensor]) -> None:
+        """Every backward step's launch, last first; DC[t] (``_final_states_in``) enters dc before step t's."""
+        for t in range(self.sizes[0] - 1, -1, -1):
+            if DC is not None:
+                self._add_dc(DC[t])
+            self._launch_backward(t, True, None)
+
+    def backward_loop(self, lengths, dhn, dcn) -> None:
+        if self.sizes[0] == 0:
+            return  # no step: the final states' gradients are the caller's (the rows of length 0)
         if self.persistent:
-            return self._persistent_backward(ends, dhn, dcn)
+            return self._persistent_backward(lengths, dhn, dcn)
         if not self.graphs:
-            return super().backward_loop(ends, dhn, dcn)
+            return self._backward_launches(self._final_states_in(lengths, dhn, dcn))
         b = self.buf
         T, B, K, Hk = self.sizes
         # the output gradient's dtype in the loop: float32 once dh_n entered (below), and whether DC is made
         dy_dtype = torch.float32 if dhn is not None else None if self.dy is None else self.dy.dtype
         key = ("backward", self.sizes, tuple(sorted(self.flags.items())), dy_dtype, dcn is not None, b.x.dtype,
                b.x.device)  # fmt: skip
+        DC = self._final_states_in(lengths, dhn, dcn)  # added to dc before each step's launch
         if not LOOP_GRAPHS.begin(key, b.x.is_cuda):
-            return super().backward_loop(ends, dhn, dcn)
-        DC = self._final_states_in(ends, dhn, dcn)  # added to dc before each step's launch
+            return self._backward_launches(DC)
         assert dy_dtype == (None if self.dy is None else self.dy.dtype)
 
         def make():  # the graph's own buffers, of this call's shapes (R only for the checks: backward reads none)
@@ -745,10 +761,7 @@ class TritonStep(Step):
 
             def loop():
                 step.dc_r.zero_()
-                for t in range(T - 1, -1, -1):
-                    if step.DC is not None:
-                        step._add_dc(step.DC[t])
-                    step._launch_backward(t, True, None)
+                step._backward_launches(step.DC)
 
             return step, loop
 
@@ -764,11 +777,9 @@ class TritonStep(Step):
 
         LOOP_GRAPHS.run(key, make, copy_in, copy_out, b.x.is_cuda)
 
-    def _persistent_backward(self, ends, dhn, dcn) -> None:
+    def _persistent_backward(self, lengths, dhn, dcn) -> None:
         T, B, K, Hk = self.sizes
-        if T == 0:
-            return
-        DC = self._final_states_in(ends, dhn, dcn)
+        DC = self._final_states_in(lengths, dhn, dcn)
         b = self.buf
         self._launch_loop("backward_loop", (b.DG, self.w, b.Q, b.QC, b.F, self.dc_r, self.dy, b.rm, DC), T - 1,
                           (T, B, K, Hk, B * K * Hk, K * Hk, Hk),  # dy: T x B x H, element [t, b, k, j]
