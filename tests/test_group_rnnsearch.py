@@ -165,17 +165,23 @@ def test_split_first_layer_is_the_cell(groups):
         torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=0, atol=1e-12, msg=name)
 
 
+def training_step_waits(model):
+    """What the forward and backward of a padded batch read back to the host (``device_waits``)."""
+    src, lengths = left_padded_batch([5, 3, 4])
+    prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)
+    with device_waits() as waits:
+        lp, _ = log_probs(model, src, lengths, prev)
+        lp.sum().backward()
+    return waits
+
+
 @pytest.mark.parametrize("design", [*DESIGNS, "residual"])
 def test_a_training_step_never_waits_for_the_device(fused_mode, design):
     """Forward and backward of a padded batch in training mode read no tensor back to the host: on a GPU each
     such read waits for every queued kernel, and the host stops queueing the next ones."""
     fused_mode(True)
     model = tiny(4, "luong", *(RESIDUAL if design == "residual" else DESIGNS[design])).train()
-    src, lengths = left_padded_batch([5, 3, 4])
-    prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)
-    with device_waits() as waits:
-        lp, _ = log_probs(model, src, lengths, prev)
-        lp.sum().backward()
+    waits = training_step_waits(model)
     assert waits == [], waits
 
 

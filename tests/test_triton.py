@@ -424,14 +424,9 @@ def test_padded_stack_never_waits_for_the_device(K, persistent):
 def test_translation_step_never_waits_for_the_device(launches):
     """The translation recipe's model (4 groups, residual decoder, Luong's attention) on the Triton step, as a GPU
     trains it, on the interpreter: a padded batch's forward and backward read nothing back to the host."""
-    from test_group_rnnsearch import RESIDUAL, VOCAB, left_padded_batch, log_probs, tiny
+    from test_group_rnnsearch import RESIDUAL, tiny, training_step_waits
 
-    model = tiny(4, "luong", *RESIDUAL, "--grnn-step", "triton").float().train()
-    src, lengths = left_padded_batch([5, 3, 4])
-    prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)
-    with device_waits() as waits:
-        lp, _ = log_probs(model, src, lengths, prev)
-        lp.sum().backward()
+    waits = training_step_waits(tiny(4, "luong", *RESIDUAL, "--grnn-step", "triton").float().train())
     assert waits == [], waits
     assert launches["forward"] > 0 and launches["backward"] > 0
 
