@@ -537,12 +537,13 @@ def _check(t: Optional[Tensor], name: str, shape: Tuple[int, ...], dtype: torch.
 
 
 def _group_views(G, T: int, B: int, G4: int) -> Tensor:
-    """The K input projections (T x B x 4H/K each) as one K x T x B x 4H/K tensor: they are consecutive slices
-    of one buffer (``products.input_projections`` writes them so); ValueError otherwise."""
+    """The K input projections (T x B x 4H/K each) as one K x T x B x 4H/K tensor: a view where they are
+    consecutive slices of one buffer (``products.input_projections`` writes aten's so), else one copy (oneDNN's
+    products, separate tensors, on CPU tensors under Triton's interpreter)."""
     K, first = len(G), G[0]
     for k, g in enumerate(G):
         if not g.is_contiguous() or g.data_ptr() != first.data_ptr() + k * T * B * G4 * g.element_size():
-            raise ValueError(f"Triton step: input projection {k} is not slice {k} of one K x T x B x 4H/K buffer")
+            return torch.stack(G)  # K x (T x B x 4H/K) -> K x T x B x 4H/K
     return first.as_strided((K, T, B, G4), (T * B * G4, B * G4, G4, 1))
 
 
