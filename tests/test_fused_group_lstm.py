@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import itertools
+
 import pytest
 import torch
 

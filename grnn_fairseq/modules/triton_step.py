@@ -555,7 +555,8 @@ class TritonStep(Step):
 
     Reads and writes ``StepBuffers`` as ``TorchStep`` does, except: C, Q, QC, F are float32 for float16 and
     bfloat16 inputs; the forward writes ``out`` itself; the backward keeps dc in r order until
-    ``finish_backward``. It prepares its own weight layouts, so ``Step.__init__``'s products are not made.
+    ``finish_backward``, and its loop places the final states' gradients itself (``_final_states_in``), so it has
+    no ``backward_step``. It prepares its own weight layouts, so ``Step.__init__``'s products are not made.
     """
 
     def __init__(self, buf: StepBuffers, forward: bool, loops: str = "steps"):  # no super().__init__ (products)
@@ -655,14 +656,6 @@ class TritonStep(Step):
         """dc_add (K x B x H/K, h order) into dc's r-order slots."""
         K, shuffle = self.buf.K, self.buf.shuffle
         _h_view(self.dc_r.unsqueeze(1), K, shuffle).squeeze(1).add_(_h_split(dc_add, K, shuffle))
-
-    def backward_step(self, t: int, dh_add: Optional[Tensor], dc_add: Optional[Tensor]) -> None:
-        T, B, K, Hk = self.sizes
-        if dc_add is not None:
-            self._add_dc(dc_add)
-        if dh_add is not None:  # into step t of a float32 copy of the output gradient
-            self._own_dy()[t].view(B, K, Hk).add_(dh_add.transpose(0, 1))  # K x B x H/K -> B x K x H/K
-        self._launch_backward(t, True, None)
 
     def forward_loop(self) -> None:
         if self.persistent:
