@@ -8,6 +8,7 @@ float32 to bfloat16 towards zero: the half-precision tolerances cover that.
 """
 
 import copy
+import functools
 import itertools
 
 import pytest
@@ -279,7 +280,8 @@ def direct_launches(monkeypatch):
 
             return launch
 
-    monkeypatch.setattr(triton_step, "_kernel", Jit)
+    monkeypatch.setattr(triton_step, "_kernel", functools.lru_cache(maxsize=None)(Jit))  # one per kernel, as real
+    monkeypatch.setattr(triton_step, "_VARIANTS", {})
     monkeypatch.setattr(triton_step, "_direct_launch_supported", lambda device: True)
     monkeypatch.setattr(triton_step, "_current_stream", lambda device: "stream")
     monkeypatch.setitem(triton_step._DIRECT_LAUNCH, "broken", None)
@@ -302,6 +304,97 @@ def test_direct_launches_match_jit_launches(direct_launches, reads):
     # forward: 1 JIT launch, then 4 direct; backward: its first step (no step t+1), the second (the first with
     # one) and the last product (dr_0) through the JIT, the other 3 steps direct
     assert counts == {"jit": 4, "direct": 7}
+    # a second call of these shapes finds every argument set's variant from the first: no JIT launch
+    before = dict(direct_launches)
+    again = run_layer("triton", tensors, True, lengths, rmask, reads)
+    assert_close(again, want, 0.0)
+    assert direct_launches == {"jit": before["jit"], "direct": before["direct"] + 11}
+
+
+def test_cell_launches_directly_from_its_second_call(direct_launches):
+    """GroupLSTMCell's steps (new tensors at every call) launch through the JIT once per argument
+    specialization: from the second step on, the forward and backward call the variant the first found, also
+    at another batch size, with the same numbers as JIT launches; strides that are multiples of 16, or gates
+    whose address is not, go through the JIT again."""
+    K, Hk = 2, 8
+
+    def step(B, offset=0, seed=0):  # gates at ``offset`` elements into their buffer
+        gen = torch.Generator().manual_seed(seed)
+        gates = torch.randn(K * B * 4 * Hk + offset, generator=gen)[offset:].view(K, B, 4 * Hk).requires_grad_(True)
+        c = torch.randn(K, B, Hk, generator=gen).requires_grad_(True)
+        h, c_new = triton_step.triton_cell(gates, c)
+        dh, dc = torch.randn(K, B, Hk, generator=gen), torch.randn(K, B, Hk, generator=gen)
+        return [h, c_new, *torch.autograd.grad((h * dh).sum() + (c_new * dc).sum(), (gates, c))]
+
+    # B, offset, seed: B * Hk (the strides) is a multiple of 16 at B=4 only
+    runs = [(3, 0, 0), (3, 0, 1), (3, 0, 2), (5, 0, 3), (4, 0, 4), (4, 1, 5)]
+    got, counts = [], []
+    for run in runs:
+        got.append(step(*run))
+        counts.append(dict(direct_launches))
+    assert counts == [{"jit": 2, "direct": 0}, {"jit": 2, "direct": 2}, {"jit": 2, "direct": 4},
+                      {"jit": 2, "direct": 6}, {"jit": 4, "direct": 6},
+                      {"jit": 5, "direct": 7}]  # the last: its backward's tensors are aligned  # fmt: skip
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(triton_step, "_direct_launch_supported", lambda device: False)
+        for run, mine in zip(runs, got):
+            assert_close(mine, step(*run), 0.0)
+
+
+def test_persistent_loops_launch_directly_from_their_second_call(direct_launches):
+    """The loop kernels (one launch per loop) and dr_0's product find the first call's variants at the
+    second call of the same shapes, with the same numbers."""
+    tensors, lengths, rmask = layer_case(4, 3, 8, 16, 2, padded=True, dropout=True)
+    first = run_layer("triton", tensors, True, lengths, rmask, persistent=True)
+    assert direct_launches == {"jit": 3, "direct": 0}
+    second = run_layer("triton", tensors, True, lengths, rmask, persistent=True)
+    assert direct_launches == {"jit": 3, "direct": 3}
+    assert_close(second, first, 0.0)
+
+
+def test_variant_key_holds_what_triton_specializes_on():
+    """Two launches with one ``_variant_key`` get one compiled variant from the installed Triton: its JIT's
+    binder for CUDA (Hopper) gives them the same specialization, over argument sets that vary every tensor's
+    dtype and alignment, the sizes, the step index and the flags; and a step's key is the same at every t."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = triton_step._kernel("forward", False)  # what CUDA tensors launch
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+    params, positions = triton_step._parameters(kernel.fn), triton_step._runtime_positions(kernel.fn)
+    gen = torch.Generator().manual_seed(0)
+    buffer = {dt: torch.empty(64, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
+
+    def pick(options):
+        return options[torch.randint(len(options), (1,), generator=gen).item()]
+
+    def options(i, kp):  # pointers, then integers from t on, then constexpr flags and tile sizes
+        if kp.is_constexpr:
+            return [16, 32] if kp.name.startswith("BLOCK") else ["ieee"] if kp.name == "PRECISION" else [True, False]
+        if i >= params.index("t"):
+            return [0, 1, 2, 15, 16, 17, 48, 2**31 - 1, 2**31]
+        return [None] + [buffer[dt][offset:] for dt in buffer for offset in (0, 1, 2, 4, 8)]
+
+    # arguments drawn at random, and each one's every option with the others held: the same key must get
+    # the same specialization
+    triton_of = {}
+    for _ in range(30):
+        drawn = [pick(options(i, kp)) for i, kp in enumerate(kernel.params)]
+        for i, kp in enumerate(kernel.params):
+            for value in options(i, kp):
+                values = drawn[:i] + [value] + drawn[i + 1:]
+                key = triton_step._variant_key(values, positions)
+                specialization = binder(**dict(zip(params, values)))[1]
+                assert triton_of.setdefault(key, specialization) == specialization, (params[i], key[i])
+    assert len(triton_of) > 1000
+    # a loop's steps, and a later call's fresh tensors: one key
+    t = params.index("t")
+    keys = set()
+    for step in (0, 1, 2, 35):
+        fresh = [torch.empty(16) if isinstance(v, torch.Tensor) else v for v in drawn]
+        keys.add(triton_step._variant_key(fresh[:t] + [step] + fresh[t + 1:], positions))
+    assert len(keys) == 1
 
 
 def test_direct_launches_follow_the_installed_triton():

@@ -368,12 +368,13 @@ def _kernel(name: str, interpreted: bool):
 
 
 def _direct_launch_supported(device: torch.device) -> bool:
-    """Whether ``StepLauncher`` may call compiled kernels' launchers itself: a CUDA device, a Triton with
+    """Whether ``StepLauncher`` may call compiled kernels' launchers itself: an NVIDIA CUDA device (not ROCm's,
+    whose Triton backend specializes pointers on more than ``_variant_key`` holds), a Triton with
     ``knobs.runtime`` (whose ``JITFunction.run`` passes the launcher every bound argument, constexprs included, in
     parameter order, as ``tests/test_triton.py`` checks of the Triton installed) and no launch hook set (a
     profiler's hooks see JIT launches only; Triton's hooks are chains, empty when none is set, or None)."""
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if device.type != "cuda" or runtime is None:
+    if device.type != "cuda" or torch.version.hip is not None or runtime is None:
         return False
     hooks = (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None))
     return all(hook is None or getattr(hook, "calls", None) == [] for hook in hooks)
@@ -386,60 +387,109 @@ def _current_stream(device: torch.device) -> int:
 
 _DIRECT_LAUNCH = {"broken": None}  # the error of a failed direct launch: later calls launch through the JIT
 
+# the compiled variants the JIT returned, by kernel, device, grid, launch options and every argument's
+# specialization (``_variant_key``): a launch whose key is here calls the variant's launcher itself
+_VARIANTS: Dict[tuple, object] = {}
+_I32 = (-(2**31), 2**31)  # the integers Triton passes as int32: other ones are int64 (another variant)
+
 
 @functools.lru_cache(maxsize=None)
 def _parameters(fn) -> Tuple[str, ...]:
     return tuple(inspect.signature(fn).parameters)
 
 
+@functools.lru_cache(maxsize=None)
+def _runtime_positions(fn) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The positions of ``fn``'s parameters that are not constexpr: those Triton specializes on, and those it
+    does not (``_NOT_SPECIALIZED``)."""
+    parameters = inspect.signature(fn).parameters.values()
+    runtime = [i for i, p in enumerate(parameters) if "constexpr" not in str(p.annotation)]
+    free = tuple(i for i in runtime if _parameters(fn)[i] in _NOT_SPECIALIZED)
+    return tuple(i for i in runtime if i not in free), free
+
+
+def _variant_key(values: list, positions: Tuple[Tuple[int, ...], Tuple[int, ...]]) -> tuple:
+    """The kernel arguments' part of a compiled variant's key, in parameter order: what Triton's JIT derives a
+    variant from (``tests/test_triton.py`` checks it against the Triton installed). positions:
+    ``_runtime_positions``. A tensor: its dtype and whether its address is a multiple of 16 bytes; an integer:
+    whether it fits int32 and, where Triton specializes on it, whether it is 1 and whether a multiple of 16;
+    None and the constexprs (flags, tile sizes): their values."""
+    specialized, free = positions
+    key = list(values)
+    for i in specialized:
+        value = values[i]
+        if isinstance(value, Tensor):
+            key[i] = (value.dtype, value.data_ptr() % 16 == 0)
+        elif value is not None:
+            key[i] = (value == 1, value % 16 == 0, _I32[0] <= value < _I32[1])
+    for i in free:
+        key[i] = _I32[0] <= values[i] < _I32[1]
+    return tuple(key)
+
+
 class StepLauncher:
-    """Launches one kernel for every step of one loop of one call.
+    """Launches one kernel, for every step of one loop of one call, or once.
 
     On a GPU, Triton's JIT launch (``kernel[grid](...)``) binds the arguments, derives each one's
     specialization, builds the variant's cache key and looks it up before it calls the compiled variant's
     launcher: host work that outweighs a step at these sizes (hidden 1024, K=1, T=35, bfloat16 on an H200 with
-    Triton 3.6: an eager forward call 2.27 ms, the same kernels replayed as one CUDA graph 0.70 ms). Within
-    a loop every launch of one kind has the same arguments except the step index ``t``, which Triton does not
-    specialize on (``_NOT_SPECIALIZED``), so the variant the first launch found serves them all: the first
-    launch of each ``key`` (the caller's name for an argument set) goes through the JIT, which returns the
-    compiled variant, and the later ones call its launcher with the bound arguments, ``t`` replaced. On the
-    interpreter (CPU tensors), under a launch hook, or on a Triton without ``knobs.runtime``, every launch goes
-    through the JIT.
+    Triton 3.6: an eager forward call 2.27 ms, the same kernels replayed as one CUDA graph 0.70 ms). So a
+    launcher calls compiled variants' launchers itself where it can:
+
+    * Within a loop every launch of one kind has the same arguments except the step index ``t``, which Triton
+      does not specialize on (``_NOT_SPECIALIZED``): the first launch of each ``key`` (the caller's name for an
+      argument set) finds the compiled variant, and the later ones call its launcher with the bound arguments,
+      ``t`` replaced, without building the arguments again.
+    * That first launch finds the variant in ``_VARIANTS`` where another call launched the kernel with
+      arguments of the same specialization (``_variant_key``: the same dtypes and flags, tensors as aligned,
+      sizes as divisible by 16), else launches through the JIT, which returns the variant for ``_VARIANTS``. So the launches of
+      ``GroupLSTMCell``'s steps, whose tensors are new at every call, and a loop's first launches go through the
+      JIT once per argument specialization, not once per call.
+
+    On the interpreter (CPU tensors), on ROCm, under a launch hook, or on a Triton without ``knobs.runtime``,
+    every launch goes through the JIT (``_direct_launch_supported``).
     """
 
-    def __init__(self, kernel, grid: Tuple[int, ...], options: dict, device: torch.device, reuse: bool = True):
-        """reuse: False for a launcher that launches once (the cell's, a loop kernel's), which never calls a
-        variant directly (the step kernels' grids, which a direct launch passes on, have three dimensions)."""
+    def __init__(self, kernel, grid: Tuple[int, ...], options: dict, device: torch.device):
         self.kernel, self.grid = kernel, grid
         self.params = _parameters(kernel.fn)
         self.t_index = self.params.index("t")
         self.options = options  # Triton's launch options (num_warps), not kernel arguments
         self.device = device
-        self.direct = reuse and _direct_launch_supported(device)
+        self.direct = _direct_launch_supported(device)
+        self.run_grid = tuple(grid) + (1,) * (3 - len(grid))  # what a variant's launcher takes: three dimensions
         self.variants: Dict[object, Tuple[object, list]] = {}  # key -> (compiled variant, bound arguments)
 
     def __call__(self, key, t: int, make_args: Callable[[], dict]) -> None:
         """Launch for step ``t``; ``make_args()``: every kernel argument by name (``t`` included), called only
-        where the JIT launches."""
-        variant = self.variants.get(key) if self.direct and _DIRECT_LAUNCH["broken"] is None else None
-        if variant is None:
-            self._jit_launch(key, make_args())
+        where this launcher has not launched ``key`` yet."""
+        if not self.direct or _DIRECT_LAUNCH["broken"] is not None:
+            self.kernel[self.grid](**make_args(), **self.options)
             return
+        variant = self.variants.get(key)
+        if variant is None:
+            args = make_args()
+            values = [args[name] for name in self.params]
+            known = (self.kernel, self.device, self.grid, tuple(sorted(self.options.items())),
+                     _variant_key(values, _runtime_positions(self.kernel.fn)))  # fmt: skip
+            compiled = _VARIANTS.get(known)
+            if compiled is None:  # through the JIT, which compiles the variant if it has not yet
+                compiled = self.kernel[self.grid](**args, **self.options)
+                if compiled is not None:
+                    _VARIANTS[known] = compiled
+                    self.variants[key] = (compiled, values)
+                return
+            variant = self.variants[key] = (compiled, values)
         compiled, values = variant
         values[self.t_index] = t
         try:
-            compiled.run(*self.grid, _current_stream(self.device), compiled.function, compiled.packed_metadata,
+            compiled.run(*self.run_grid, _current_stream(self.device), compiled.function, compiled.packed_metadata,
                          None, None, None, *values)  # fmt: skip
         except (AttributeError, TypeError) as e:  # a Triton whose launcher takes other arguments
             _DIRECT_LAUNCH["broken"] = e
             logger.warning("Triton step: launching compiled kernels directly failed (%r); every step launches "
                            "through Triton's JIT from now on", e)  # fmt: skip
-            self._jit_launch(key, make_args())
-
-    def _jit_launch(self, key, args: dict) -> None:
-        compiled = self.kernel[self.grid](**args, **self.options)
-        if self.direct and compiled is not None:
-            self.variants[key] = (compiled, [args[name] for name in self.params])
+            self.kernel[self.grid](**make_args(), **self.options)
 
 
 # ------------------------------------------------------------------------------------------- tile sizes
@@ -619,7 +669,7 @@ class TritonStep(Step):
         ``pointers``, the barrier's counter, t, the step count T, ``sizes``, this step's flags and ``flags``."""
         device = self.buf.x.device
         grid = (min(math.prod(self.launch.grid), _resident_programs(device)),)
-        launch = StepLauncher(_kernel(name, not self.buf.x.is_cuda), grid, self.launch.options, device, reuse=False)
+        launch = StepLauncher(_kernel(name, not self.buf.x.is_cuda), grid, self.launch.options, device)
         sync = torch.zeros(1, dtype=torch.int32, device=device)  # the grid barrier's counter
         values = (*pointers, sync, t, self.sizes[0], *sizes)
         launch("loop", t, lambda: {**dict(zip(launch.params, values)), **self.flags, **flags})
@@ -914,7 +964,7 @@ class TritonCellFunction(torch.autograd.Function):
         grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
         # one step (T = 1, t = 0) of the forward kernel: gates as G, h_t into h, c_t into c_new
         launch = StepLauncher(_kernel("forward", not gates.is_cuda), grid, {"num_warps": tiles.forward_warps},
-                              gates.device, reuse=False)  # fmt: skip
+                              gates.device)
         launch("cell", 0, lambda: {
             **dict(zip(launch.params, (z, None, h, None, None, c, c_new, Q, QC, F, None, 0, 1, B, K, Hk, B * Hk,
                                        B * Hk))),
@@ -940,8 +990,7 @@ class TritonCellFunction(torch.autograd.Function):
         tiles = _tiles(dgates, B, K, Hk)
         grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_R))
         # one step (T = 1, t = 0) of the backward kernel without a product: dh (K x B x H/K) as the output gradient
-        launch = StepLauncher(_kernel("backward", not Q.is_cuda), grid, {"num_warps": tiles.backward_warps}, Q.device,
-                              reuse=False)
+        launch = StepLauncher(_kernel("backward", not Q.is_cuda), grid, {"num_warps": tiles.backward_warps}, Q.device)
         launch("cell", 0, lambda: {
             **dict(zip(launch.params, (dgates, None, Q, QC, F, dc, dh, None, None, 0, 1, B, K, Hk, 0, Hk, B * Hk))),
             "SHUFFLE": False, "HAS_NEXT": False, "POINTWISE": True, "HAS_DY": dh is not None, "HAS_RM": False,
