@@ -29,11 +29,13 @@ USER_DIR = os.path.join(ROOT, "grnn_fairseq")
 BIN = os.path.dirname(sys.executable)
 
 
-def run(cmd, log_path):
-    """Run a command, teeing its output to ``log_path``; return the output."""
+def run(cmd, log_path, env=None):
+    """Run a command (in ``env``, else this one's environment), teeing its output to ``log_path`` and its
+    progress lines to stdout; return the output."""
     print("$", " ".join(map(str, cmd)), flush=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)  # fmt: skip
         out = []
         for line in proc.stdout:
             log.write(line)

@@ -23,9 +23,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USER_DIR = os.path.join(ROOT, "grnn_fairseq")
-BIN = os.path.dirname(sys.executable)
+from accuracy_report import BIN, ROOT, USER_DIR, run  # the same commands, logs and output
+
 RECIPE = ["--task", "translation", "--source-lang", "de", "--target-lang", "en", "--optimizer", "adam", "--lr",
           "0.002", "--clip-norm", "2.5", "--batch-size", "32", "--dropout", "0.1", "--criterion",
           "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-epoch", "100", "--seed", "1",
@@ -48,17 +47,6 @@ MODELS = {
 
 def folder_name(model: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
-
-
-def run(cmd, log_path, env=None):
-    """Run a command with its output in ``log_path``; returns the output."""
-    print("$", " ".join(map(str, cmd)), flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.run(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, env=env)
-    out = open(log_path).read()
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{out[-3000:]}")
-    return out
 
 
 def parse_train_log(log: str):
