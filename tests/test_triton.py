@@ -799,21 +799,33 @@ def test_cuda_persistent_loops_match_pytorch_step(T, B, H, K, dtype):
 @pytest.mark.cuda
 @cuda
 def test_cuda_direct_launches_match_jit_launches(monkeypatch):
-    """On the GPU, a layer whose steps call the compiled variants' launchers directly gives the same outputs
-    and gradients, to the bit, as one whose every step launches through Triton's JIT."""
-    direct = []
-    real = triton_step.StepLauncher.__call__
-
-    def counted(self, key, t, make_args):
-        direct.append(self.direct and key in self.variants)
-        return real(self, key, t, make_args)
-
-    monkeypatch.setattr(triton_step.StepLauncher, "__call__", counted)
+    """On the GPU, the launches that call compiled variants' launchers directly (a loop's later steps, a second
+    call of the same shapes, GroupLSTMCell's steps) give the same outputs and gradients, to the bit, as launching
+    every step through Triton's JIT, and the second call launches nothing through the JIT."""
+    jit = []
+    real = triton.JITFunction.run
+    monkeypatch.setattr(triton.JITFunction, "run", lambda self, *a, **kw: jit.append(self) or real(self, *a, **kw))
     tensors, lengths, rmask = layer_case(7, 24, 32, 64, 4, torch.bfloat16, "cuda", padded=True, dropout=True)
-    got = run_layer("triton", tensors, True, lengths, rmask)
-    assert sum(direct) >= 10 and triton_step._DIRECT_LAUNCH["broken"] is None, (direct, triton_step._DIRECT_LAUNCH)
+    gen = torch.Generator().manual_seed(2)
+    cell_inputs = [torch.randn(4, 24, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(2)]
+    cell_inputs.append(torch.randn(4, 24, 16, generator=gen, device="cpu").cuda())  # c_0, float32
+
+    def calls():
+        first = run_layer("triton", tensors, True, lengths, rmask)
+        launched = len(jit)
+        second = run_layer("triton", tensors, True, lengths, rmask)
+        again = len(jit) - launched
+        gates = [v.clone().requires_grad_(True) for v in cell_inputs]
+        h1, c1 = triton_step.triton_cell(gates[0], gates[2])
+        h2, c2 = triton_step.triton_cell(gates[1], c1)
+        loss = h1.float().sum() + (h2.float() ** 2).sum() + c2.sum()
+        return first + second + [h1, h2, c2, *torch.autograd.grad(loss, gates)], again
+
+    got, again = calls()
+    assert again == 0 and triton_step._DIRECT_LAUNCH["broken"] is None, (again, triton_step._DIRECT_LAUNCH)
     monkeypatch.setattr(triton_step, "_direct_launch_supported", lambda device: False)
-    want = run_layer("triton", tensors, True, lengths, rmask)
+    want, again = calls()
+    assert again > 10  # the JIT launches every step now
     assert_close(got, want, 0.0)
 
 
