@@ -314,8 +314,8 @@ def test_direct_launches_match_jit_launches(direct_launches, reads):
 def test_cell_launches_directly_from_its_second_call(direct_launches):
     """GroupLSTMCell's steps (new tensors at every call) launch through the JIT once per argument
     specialization: from the second step on, the forward and backward call the variant the first found, also
-    at another batch size, with the same numbers as JIT launches; strides that are multiples of 16, or gates
-    whose address is not, go through the JIT again."""
+    at another batch size on another grid, with the same numbers as JIT launches; strides that are multiples
+    of 16, or gates whose address is not, go through the JIT again."""
     K, Hk = 2, 8
 
     def step(B, offset=0, seed=0):  # gates at ``offset`` elements into their buffer
@@ -326,8 +326,8 @@ def test_cell_launches_directly_from_its_second_call(direct_launches):
         dh, dc = torch.randn(K, B, Hk, generator=gen), torch.randn(K, B, Hk, generator=gen)
         return [h, c_new, *torch.autograd.grad((h * dh).sum() + (c_new * dc).sum(), (gates, c))]
 
-    # B, offset, seed: B * Hk (the strides) is a multiple of 16 at B=4 only
-    runs = [(3, 0, 0), (3, 0, 1), (3, 0, 2), (5, 0, 3), (4, 0, 4), (4, 1, 5)]
+    # B, offset, seed: B * Hk (the strides) is a multiple of 16 at B=4 only; B=21 takes two row tiles
+    runs = [(3, 0, 0), (3, 0, 1), (3, 0, 2), (21, 0, 3), (4, 0, 4), (4, 1, 5)]
     got, counts = [], []
     for run in runs:
         got.append(step(*run))

@@ -387,8 +387,9 @@ def _current_stream(device: torch.device) -> int:
 
 _DIRECT_LAUNCH = {"broken": None}  # the error of a failed direct launch: later calls launch through the JIT
 
-# the compiled variants the JIT returned, by kernel, device, grid, launch options and every argument's
-# specialization (``_variant_key``): a launch whose key is here calls the variant's launcher itself
+# the compiled variants the JIT returned, by kernel, device, launch options and every argument's specialization
+# (``_variant_key``), as Triton keeps them (a variant runs on any grid): a launch whose key is here calls the
+# variant's launcher itself
 _VARIANTS: Dict[tuple, object] = {}
 _I32 = (-(2**31), 2**31)  # the integers Triton passes as int32: other ones are int64 (another variant)
 
@@ -470,7 +471,7 @@ class StepLauncher:
         if variant is None:
             args = make_args()
             values = [args[name] for name in self.params]
-            known = (self.kernel, self.device, self.grid, tuple(sorted(self.options.items())),
+            known = (self.kernel, self.device, tuple(sorted(self.options.items())),
                      _variant_key(values, _runtime_positions(self.kernel.fn)))  # fmt: skip
             compiled = _VARIANTS.get(known)
             if compiled is None:  # through the JIT, which compiles the variant if it has not yet
