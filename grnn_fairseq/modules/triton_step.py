@@ -443,9 +443,9 @@ class StepLauncher:
       ``t`` replaced, without building the arguments again.
     * That first launch finds the variant in ``_VARIANTS`` where another call launched the kernel with
       arguments of the same specialization (``_variant_key``: the same dtypes and flags, tensors as aligned,
-      sizes as divisible by 16), else launches through the JIT, which returns the variant for ``_VARIANTS``. So the launches of
-      ``GroupLSTMCell``'s steps, whose tensors are new at every call, and a loop's first launches go through the
-      JIT once per argument specialization, not once per call.
+      sizes as divisible by 16), else launches through the JIT, which returns the variant for ``_VARIANTS``.
+      So ``GroupLSTMCell``'s steps, whose tensors are new at every call, and the loops' first launches go
+      through the JIT once per argument specialization, not once per call.
 
     On the interpreter (CPU tensors), on ROCm, under a launch hook, or on a Triton without ``knobs.runtime``,
     every launch goes through the JIT (``_direct_launch_supported``).
