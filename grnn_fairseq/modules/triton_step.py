@@ -465,7 +465,7 @@ class StepLauncher:
         """Launch for step ``t``; ``make_args()``: every kernel argument by name (``t`` included), called only
         where this launcher has not launched ``key`` yet."""
         if not self.direct or _DIRECT_LAUNCH["broken"] is not None:
-            self.kernel[self.grid](**make_args(), **self.options)
+            self._jit_launch(make_args())
             return
         variant = self.variants.get(key)
         if variant is None:
@@ -475,7 +475,7 @@ class StepLauncher:
                      _variant_key(values, _runtime_positions(self.kernel.fn)))  # fmt: skip
             compiled = _VARIANTS.get(known)
             if compiled is None:  # through the JIT, which compiles the variant if it has not yet
-                compiled = self.kernel[self.grid](**args, **self.options)
+                compiled = self._jit_launch(args)
                 if compiled is not None:
                     _VARIANTS[known] = compiled
                     self.variants[key] = (compiled, values)
@@ -490,7 +490,11 @@ class StepLauncher:
             _DIRECT_LAUNCH["broken"] = e
             logger.warning("Triton step: launching compiled kernels directly failed (%r); every step launches "
                            "through Triton's JIT from now on", e)  # fmt: skip
-            self.kernel[self.grid](**make_args(), **self.options)
+            self._jit_launch(make_args())
+
+    def _jit_launch(self, args: dict):
+        """Launch through Triton's JIT; returns the compiled variant it ran (None where a hook stopped it)."""
+        return self.kernel[self.grid](**args, **self.options)
 
 
 # ------------------------------------------------------------------------------------------- tile sizes
