@@ -142,6 +142,31 @@ def test_sigmoid_tanh_matches_torch_tanh():
     assert tanh(torch.tensor([50.0, -50.0, 0.0])).tolist() == [1.0, -1.0, 0.0]
 
 
+@pytest.mark.parametrize("b_shape", [(5, 1, 8), (1, 7, 8), (8,), (5, 7, 8)])
+def test_add_tanh_is_tanh_of_the_sum(b_shape):
+    """activations.add_tanh(a, b) (the sum written into the kept output): the same bits as tanh(a + b), forward
+    and both gradients (b's reduced over its broadcast dimensions); float64 against torch.tanh; an addend
+    larger than a falls back to tanh(a + b)."""
+    from grnn_fairseq.modules.activations import add_tanh, tanh
+
+    for dtype in (torch.float32, torch.float64):
+        a = (torch.randn(5, 7, 8, dtype=dtype) * 2).requires_grad_(True)
+        b = torch.randn(b_shape, dtype=dtype).requires_grad_(True)
+        w = torch.randn(5, 7, 8, dtype=dtype)
+        y = add_tanh(a, b)
+        da, db = torch.autograd.grad((y * w).sum(), (a, b))
+        y2 = tanh(a + b)
+        da2, db2 = torch.autograd.grad((y2 * w).sum(), (a, b))
+        assert y.shape == y2.shape and da.shape == a.shape and db.shape == b.shape
+        assert torch.equal(y, y2) and torch.equal(da, da2) and torch.equal(db, db2)
+        if dtype == torch.float64:
+            y3 = torch.tanh(a + b)
+            da3, db3 = torch.autograd.grad((y3 * w).sum(), (a, b))
+            assert all(torch.allclose(u, v, atol=1e-13) for u, v in ((y, y3), (da, da3), (db, db3)))
+    small, large = torch.randn(7, 1), torch.randn(7, 8)
+    assert torch.equal(add_tanh(small, large), tanh(small + large))
+
+
 @pytest.mark.parametrize("K", [1, 3])
 def test_deferred_weight_grads_match_per_step(K):
     """A loop that applies the same weights at every step (input feeding, like the decoder's): inside

@@ -62,7 +62,7 @@ from grnn_fairseq.models.common import (
     under_backend,
 )
 from grnn_fairseq.modules import CELLS, RECURRENT_LAYERS, GroupLSTMCell, channel_shuffle, recurrent_stack
-from grnn_fairseq.modules.activations import tanh
+from grnn_fairseq.modules.activations import add_tanh, tanh
 from grnn_fairseq.modules.products import Linear, deferred_weight_grads, reuse_packed_weights
 from grnn_fairseq.safeguards import check_dictionary_sizes
 
@@ -195,7 +195,7 @@ class BahdanauAttention(nn.Module):
 
     def scores(self, query: Tensor, projected_keys: Tensor, mask_bias: Tensor) -> Tensor:
         """query B x Q, projected keys B x S x A, mask_bias B x S x 1 (0 or -inf) -> masked scores B x S x 1."""
-        return self.v(tanh(projected_keys + self.query_proj(query).unsqueeze(1))) + mask_bias
+        return self.v(add_tanh(projected_keys, self.query_proj(query).unsqueeze(1))) + mask_bias  # B x 1 x A query
 
 
 class LuongAttention(nn.Module):

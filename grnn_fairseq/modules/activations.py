@@ -1,5 +1,6 @@
 """tanh as 2 sigmoid(2x) - 1 on CPU, where aten's tanh is several times slower than its sigmoid (docs/speed.md).
-The two agree to a few float32 ulps of 1 (the identity is exact; the rounding differs near 0)."""
+The two agree to a few float32 ulps of 1 (the identity is exact; the rounding differs near 0). ``add_tanh``:
+tanh(a + b) with the sum written into the output (the additive attention's scores)."""
 
 import torch
 from torch import Tensor
@@ -35,3 +36,34 @@ def tanh(x: Tensor) -> Tensor:
     if x.device.type == "cpu" and x.is_floating_point():
         return _SigmoidTanh.apply(x)
     return torch.tanh(x)
+
+
+class _AddTanh(torch.autograd.Function):
+    """y = tanh(a + b), b broadcast to a's shape: the sum written straight into y, the tensor kept for the
+    backward, where ``tanh(a + b)`` allocates, and on CPU page-faults in, a second tensor of a's size."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        y = torch.add(a, b, out=torch.empty_like(a))  # a's shape: b broadcast over it
+        if y.device.type == "cpu":
+            y.mul_(2).sigmoid_().mul_(2).sub_(1)  # tanh_into's passes, in place
+        else:
+            y.tanh_()
+        ctx.save_for_backward(y)
+        ctx.b_shape = b.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        (y,) = ctx.saved_tensors
+        dx = torch.ops.aten.tanh_backward(dy, y)  # d tanh(a + b) / da, a's shape
+        return dx, dx.sum_to_size(ctx.b_shape)  # as autograd reduces a broadcast addend
+
+
+def add_tanh(a: Tensor, b: Tensor) -> Tensor:
+    """``tanh(a + b)`` for a floating-point ``a`` at least as large as ``b`` in every dimension (``b``
+    broadcast over ``a``), with one tensor of ``a``'s size where the two operations allocate two."""
+    if a.shape != torch.broadcast_shapes(a.shape, b.shape) or a.dtype != b.dtype or not a.is_floating_point():
+        return tanh(a + b)
+    return _AddTanh.apply(a, b)
