@@ -163,6 +163,8 @@ def test_add_tanh_is_tanh_of_the_sum(b_shape):
             y3 = torch.tanh(a + b)
             da3, db3 = torch.autograd.grad((y3 * w).sum(), (a, b))
             assert all(torch.allclose(u, v, atol=1e-13) for u, v in ((y, y3), (da, da3), (db, db3)))
+        (da_only,) = torch.autograd.grad((add_tanh(a, b.detach()) * w).sum(), (a,))  # b without a gradient
+        assert torch.equal(da_only, da2)
     small, large = torch.randn(7, 1), torch.randn(7, 8)
     assert torch.equal(add_tanh(small, large), tanh(small + large))
 

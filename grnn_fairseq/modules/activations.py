@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 
 
 def tanh_into(src: Tensor, out: Tensor) -> Tensor:
-    """tanh(src) written into ``out`` without autograd (same shape)."""
+    """tanh(src) written into ``out`` without autograd (same shape; ``out`` may be ``src``)."""
     if src.device.type != "cpu":
         return torch.tanh(src, out=out)
     torch.mul(src, 2, out=out).sigmoid_()
@@ -45,10 +45,7 @@ class _AddTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
         y = torch.add(a, b, out=torch.empty_like(a))  # a's shape: b broadcast over it
-        if y.device.type == "cpu":
-            y.mul_(2).sigmoid_().mul_(2).sub_(1)  # tanh_into's passes, in place
-        else:
-            y.tanh_()
+        tanh_into(y, y)  # in place
         ctx.save_for_backward(y)
         ctx.b_shape = b.shape
         return y
@@ -58,7 +55,8 @@ class _AddTanh(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         (y,) = ctx.saved_tensors
         dx = torch.ops.aten.tanh_backward(dy, y)  # d tanh(a + b) / da, a's shape
-        return dx, dx.sum_to_size(ctx.b_shape)  # as autograd reduces a broadcast addend
+        db = dx.sum_to_size(ctx.b_shape) if ctx.needs_input_grad[1] else None  # as autograd reduces an addend
+        return dx if ctx.needs_input_grad[0] else None, db
 
 
 def add_tanh(a: Tensor, b: Tensor) -> Tensor:
