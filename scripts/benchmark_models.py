@@ -17,6 +17,14 @@ fairseq's model is given our sizes as far as its flags allow: a bidirectional 2-
 direction and a 2-layer decoder, either 256 wide (lighter than our first decoder layer) or 512 wide (heavier
 than our upper decoder layer).
 
+Our models are the named architecture as the paper sizes it (its decoder: additive attention, upper decoder
+layer d wide); ``--models`` also takes the translation recipe's (the decoder flags of
+scripts/translation_report.py: Luong's attention, a residual upper layer 2d wide), which the README trains:
+
+    python scripts/benchmark_models.py --models "fairseq lstm_wiseman_iwslt_de_en, decoder 256" \
+        "fairseq lstm_wiseman_iwslt_de_en, decoder 512" "group_rnnsearch_iwslt, groups 1, translation recipe" \
+        "group_rnnsearch_iwslt, groups 2, translation recipe" "group_rnnsearch_iwslt, groups 4, translation recipe"
+
 ``--products onednn`` (or ``aten``) passes ``--grnn-products`` to our models instead of their default: on a CPU
 where the default rule picks aten's BLAS, it shows the oneDNN path's speed too.
 """
@@ -36,6 +44,7 @@ BIN = os.path.dirname(sys.executable)
 BASE_ENV = dict(os.environ)  # before importing grnn_fairseq, which sizes oneDNN's caches for this process
 sys.path.insert(0, ROOT)
 from grnn_fairseq.benchmark import processor_name  # noqa: E402
+from translation_report import OURS  # noqa: E402  (scripts/: the translation recipe's decoder flags)
 
 FAIRSEQ_SIZES = ["--encoder-bidirectional", "--encoder-layers", "2", "--encoder-hidden-size", "256", "--decoder-layers", "2"]
 CANDIDATES = {
@@ -47,6 +56,10 @@ CANDIDATES = {
     "group_rnnsearch_iwslt, groups 2": ["--arch", "group_rnnsearch_iwslt", "--encoder-groups", "2", "--decoder-groups", "2"],
     "group_rnnsearch_iwslt, groups 4": ["--arch", "group_rnnsearch_iwslt", "--encoder-groups", "4", "--decoder-groups", "4"],
 }
+DEFAULT_MODELS = list(CANDIDATES)  # fairseq's and the paper's models
+for k in (1, 2, 4):  # the translation recipe's models (docs/translation.md), by name only: --models
+    CANDIDATES[f"group_rnnsearch_iwslt, groups {k}, translation recipe"] = [
+        *CANDIDATES[f"group_rnnsearch_iwslt, groups {k}"], *OURS]
 BASELINES = ["fairseq lstm_wiseman_iwslt_de_en, decoder 256", "fairseq lstm_wiseman_iwslt_de_en, decoder 512"]
 BATCHING = {"batch-size": ["--batch-size", "32"], "max-tokens": ["--max-tokens", "4000"]}
 # what every candidate trains with beside its model flags and batching (scripts/profile_model.py's too)
@@ -129,7 +142,8 @@ def main(argv=None):
     p.add_argument("--warmup-updates", type=int, default=40,
                    help=f"updates left out of the speed (a multiple of {LOG_INTERVAL})")
     p.add_argument("--products", choices=["aten", "onednn"], help="our models' --grnn-products")
-    p.add_argument("--models", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES), metavar="MODEL")
+    p.add_argument("--models", nargs="+", choices=list(CANDIDATES), default=DEFAULT_MODELS, metavar="MODEL",
+                   help="default: fairseq's two and the paper's three; the translation recipe's: by name")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     cpu = processor_name(None)

@@ -82,6 +82,27 @@ def test_benchmark_models_runs_defaults_and_records_memory():
     assert code == 0 and log.strip() == "ok" and 200 <= mib < 1000
 
 
+def test_benchmark_models_recipe_candidates_are_the_translation_reports_models():
+    """The recipe's speed is measured on the models the translation report scores (the same flags but batching
+    and optimizer), and the defaults stay fairseq's and the paper's models."""
+    from fairseq import options
+
+    benchmark_models = pytest.importorskip("benchmark_models")
+    translation_report = pytest.importorskip("translation_report")
+
+    def model_args(flags):  # the model's arguments once the architecture has set its defaults
+        args = options.parse_args_and_arch(options.get_training_parser(), input_args=[
+            "data", "--task", "translation", "--user-dir", os.path.join(ROOT, "grnn_fairseq"), *flags])
+        return {k: v for k, v in vars(args).items() if k.startswith(("encoder_", "decoder_", "attention", "init"))}
+
+    for k in (1, 2, 4):
+        measured = model_args(benchmark_models.CANDIDATES[f"group_rnnsearch_iwslt, groups {k}, translation recipe"])
+        assert measured == model_args(translation_report.MODELS[f"group_rnnsearch_iwslt, groups {k}"])
+        assert measured["decoder_residual"] and measured["decoder_groups"] == k
+    assert not any("recipe" in name for name in benchmark_models.DEFAULT_MODELS)
+    assert len(benchmark_models.DEFAULT_MODELS) == 5
+
+
 def test_benchmark_models_table_names_the_batching():
     benchmark_models = pytest.importorskip("benchmark_models")
     rows = [{"model": "m", "params": 2.5e6, "wps": 1234.4, "peak_rss_mib": 812.3, "ratios": [1.5, 2.25]}]
