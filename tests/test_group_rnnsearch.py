@@ -202,12 +202,14 @@ def test_backward_fills_no_zero_weight_gradient():
     assert not weights & set(filled), (weights & set(filled), filled)
 
 
+@pytest.mark.parametrize("attention", ["bahdanau", "luong"])
 @pytest.mark.parametrize("first_groups", [1, 2])
 @pytest.mark.parametrize("groups", [1, 4])
-def test_deferred_weight_gradients_equal_per_step_ones(groups, first_groups):
-    """The decoder loop computes its weights' gradients once over all steps (deferred_weight_grads): every
-    parameter's gradient equals the one of the per-step computation (--grnn-no-defer-weight-grads)."""
-    model = tiny(groups, "bahdanau", "--decoder-first-layer-groups", str(first_groups))
+def test_deferred_weight_gradients_equal_per_step_ones(groups, first_groups, attention):
+    """The decoder loop computes its weights' gradients, and those of the attention's keys and values, once over
+    all steps (deferred_weight_grads): every parameter's gradient equals the one of the per-step computation
+    (--grnn-no-defer-weight-grads); the keys' and values' gradients are one product each, after the loop."""
+    model = tiny(groups, attention, "--decoder-first-layer-groups", str(first_groups))
     src, lengths = left_padded_batch([5, 3, 4])
     prev = torch.cat([torch.full((3, 1), 2), torch.randint(4, VOCAB, (3, 5))], 1)
     grads = []
@@ -215,8 +217,14 @@ def test_deferred_weight_gradients_equal_per_step_ones(groups, first_groups):
         model.decoder.backend_setting = model.decoder.backend_setting.replace(defer_weight_grads=defer)
         model.zero_grad()
         lp, _ = log_probs(model, src, lengths, prev)
-        (lp * torch.linspace(-1, 1, lp.numel(), dtype=lp.dtype).view_as(lp)).sum().backward()
+        with Dispatched(keep_args=("bmm", "baddbmm")) as ops:
+            (lp * torch.linspace(-1, 1, lp.numel(), dtype=lp.dtype).view_as(lp)).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        # products as large as the values (3 x 5 x 16) or luong's keys (3 x 16 x 5, transposed): per step their
+        # gradients' outer products, or, deferred, one product per matrix after the loop
+        outs = [(a.size(0), a.size(1), b.size(2)) for name in ("bmm", "baddbmm") for *_, a, b in ops.args[name]]
+        matrices = 2 if attention == "luong" else 1
+        assert sum(o in ((3, 5, 16), (3, 16, 5)) for o in outs) == (matrices if defer else 6 * matrices), outs
     assert grads[0].keys() == grads[1].keys() and any("first_layer" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=1e-12, msg=name)

@@ -241,6 +241,55 @@ def test_deferred_step_products_follow_the_backend(onednn, K, monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
+def test_matvec_vecmat_in_a_deferred_loop_match_per_step():
+    """An attention-like loop: per step scores = matvec(keys, q_t, mask) and context = vecmat(softmax, values)
+    over matrices shared by all steps. The values and the scores match bmm written out, and inside
+    deferred_weight_grads() every gradient (query, keys, values, one of them also used outside the scope)
+    equals the per-step one, also when the graph is retained and backward runs twice; no gate for a matrix
+    without a gradient or under no_grad."""
+    torch.manual_seed(0)
+    B, S, D, C, T = 3, 5, 4, 6, 4
+    keys = torch.randn(B, S, D, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(B, S, C, dtype=torch.float64, requires_grad=True)
+    q0 = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(B, S, dtype=torch.float64)
+    mask[1, :2] = float("-inf")  # padding
+    proj = torch.randn(C, D, dtype=torch.float64)
+    params = [keys, values, q0]
+
+    def run(defer, twice=False):
+        ctx = lin_mod.deferred_weight_grads() if defer else contextlib.nullcontext()
+        q, outs = q0, []
+        with backend.use(defer_weight_grads=defer), ctx:
+            for t in range(T):
+                scores = lin_mod.matvec(keys, q, mask)  # B x S
+                context = lin_mod.vecmat(scores.softmax(1), values)  # B x C
+                q = torch.tanh(context @ proj + q)  # input feeding: step t + 1 reads step t
+                outs.append(q)
+        y = torch.stack(outs)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + values.sum() ** 2
+        if twice:
+            first = torch.autograd.grad(loss, params, retain_graph=True)
+            second = torch.autograd.grad(loss, params)
+            assert all(torch.equal(a, c) for a, c in zip(first, second))
+            return [y, *first]
+        return [y, *torch.autograd.grad(loss, params)]
+
+    want = run(False)
+    for got in (run(True), run(True, twice=True)):
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+    scores = lin_mod.matvec(keys, q0, mask)
+    torch.testing.assert_close(scores, torch.einsum("bsd,bd->bs", keys, q0) + mask, rtol=0, atol=1e-14)
+    w = torch.randn(B, S, dtype=torch.float64)
+    torch.testing.assert_close(lin_mod.vecmat(w, values), torch.einsum("bs,bsc->bc", w, values), rtol=0, atol=1e-14)
+    with lin_mod.deferred_weight_grads():
+        assert lin_mod._shared(keys, q0) is lin_mod._shared(keys, q0) is not lin_mod._shared(values, q0)
+        assert lin_mod._shared(keys.detach(), q0) is None
+        with torch.no_grad():
+            assert lin_mod._shared(keys, q0) is None
+
+
 def test_deferred_scope_defers_weights_that_want_grad_one_gate_each():
     w = torch.randn(6, 4, requires_grad=True)
     x = torch.randn(3, 4)

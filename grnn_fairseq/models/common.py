@@ -34,7 +34,8 @@ def add_backend_args(parser) -> None:
                         help='with --grnn-products auto: time aten against oneDNN once per product shape and use '
                              'the faster (results may then differ between runs and machines)')
     parser.add_argument('--grnn-no-defer-weight-grads', action='store_true',
-                        help="compute a decoder loop's weight gradients step by step instead of once after it")
+                        help="compute a decoder loop's weight gradients (and its attention's keys' and "
+                             "values') step by step instead of once after it")
     parser.add_argument('--grnn-cuda-graphs', action='store_true',
                         help="on the Triton step (CUDA): replay each recurrent layer's time loop as a CUDA graph, "
                              "captured the second time its shapes occur")

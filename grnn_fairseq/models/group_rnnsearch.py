@@ -63,7 +63,7 @@ from grnn_fairseq.models.common import (
 )
 from grnn_fairseq.modules import CELLS, RECURRENT_LAYERS, GroupLSTMCell, channel_shuffle, recurrent_stack
 from grnn_fairseq.modules.activations import add_tanh, tanh
-from grnn_fairseq.modules.products import Linear, deferred_weight_grads, reuse_packed_weights
+from grnn_fairseq.modules.products import Linear, deferred_weight_grads, matvec, reuse_packed_weights, vecmat
 from grnn_fairseq.safeguards import check_dictionary_sizes
 
 DEFAULT_MAX_POSITIONS = 1024  # the translation task's own default for --max-source/target-positions
@@ -194,8 +194,9 @@ class BahdanauAttention(nn.Module):
         return self.key_proj(keys)
 
     def scores(self, query: Tensor, projected_keys: Tensor, mask_bias: Tensor) -> Tensor:
-        """query B x Q, projected keys B x S x A, mask_bias B x S x 1 (0 or -inf) -> masked scores B x S x 1."""
-        return self.v(add_tanh(projected_keys, self.query_proj(query).unsqueeze(1))) + mask_bias  # B x 1 x A query
+        """query B x Q, projected keys B x S x A, mask_bias B x S (0 or -inf) -> masked scores B x S."""
+        hidden = add_tanh(projected_keys, self.query_proj(query).unsqueeze(1))  # B x S x A (B x 1 x A query)
+        return self.v(hidden).squeeze(2) + mask_bias  # B x S x 1 -> B x S
 
 
 class LuongAttention(nn.Module):
@@ -210,26 +211,24 @@ class LuongAttention(nn.Module):
         return self.key_proj(keys)
 
     def scores(self, query: Tensor, projected_keys: Tensor, mask_bias: Tensor) -> Tensor:
-        """query B x Q, projected keys B x S x Q, mask_bias B x S x 1 (0 or -inf) -> masked scores B x S x 1:
-        one batched product with the mask as its addend: one kernel forward and two backward, where a product,
-        a sum and masking take three and four."""
-        return torch.baddbmm(mask_bias, projected_keys, query.unsqueeze(2))  # B x S x Q @ B x Q x 1
+        """query B x Q, projected keys B x S x Q, mask_bias B x S (0 or -inf) -> masked scores B x S: one
+        batched product with the mask as its addend, where a product, a sum and masking take three kernels."""
+        return matvec(projected_keys, query, mask_bias)
 
 
 def attention_mask_bias(padding_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """padding_mask S x B (True at padding) -> B x S x 1 of 0 and -inf, added to the scores before the softmax."""
-    mask = padding_mask.t().unsqueeze(2)  # S x B -> B x S x 1
+    """padding_mask S x B (True at padding) -> B x S of 0 and -inf, added to the scores before the softmax."""
+    mask = padding_mask.t()  # S x B -> B x S
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
 
 def attend(scores: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
-    """Softmax over the source (in float32) and weighted sum. scores B x S x 1 (masked), values B x S x C.
+    """Softmax over the source (in float32) and weighted sum. scores B x S (masked), values B x S x C.
 
     Returns the context B x C and the weights B x S.
     """
-    weights = F.softmax(scores.float(), dim=1).type_as(values).transpose(1, 2)  # B x S x 1 -> B x 1 x S
-    context = torch.bmm(weights, values).squeeze(1)  # B x 1 x S @ B x S x C -> B x 1 x C -> B x C
-    return context, weights.squeeze(1)
+    weights = F.softmax(scores.float(), dim=1).type_as(values)  # B x S
+    return vecmat(weights, values), weights
 
 
 class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
@@ -368,7 +367,7 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         emb = emb.transpose(0, 1)  # B x T x E -> T x B x E
         h, c, feed = state["first_h"], state["first_c"], state["input_feed"]
         keys, values = state["projected_keys"], state["values"]
-        mask_bias = attention_mask_bias(pad, keys.dtype)  # B x S x 1
+        mask_bias = attention_mask_bias(pad, keys.dtype)  # B x S
         outputs: List[Tensor] = []
         attn: List[Tensor] = []
         # the first layer's input at step t is [E y_{t-1}; a_{t-1}]: the embeddings are known before the loop

@@ -18,7 +18,8 @@ setting                values                     default  chooses
                                                            AMD CPUs for large products, aten's BLAS else)
 ``benchmark``          on, off                    off      with products auto: time aten against oneDNN
                                                            once per product shape and layout instead
-``defer_weight_grads`` on, off                    on       a decoder loop's weight gradients as one product
+``defer_weight_grads`` on, off                    on       a decoder loop's weight gradients (and the
+                                                           attention's keys' and values') as one product
                                                            over all steps after its backward pass
 ``cuda_graphs``        on, off                    off      on the Triton step: replay a fused call's time
                                                            loop as a CUDA graph, captured the second time
