@@ -324,15 +324,22 @@ class _DeferredWeight:
         return [pack(w, True, self.n) for w in self.gated.detach().unbind(0)]
 
 
+def _deferring_scope(x: Tensor, tensor: Tensor) -> Optional[Dict[object, object]]:
+    """The deferred scope when a call on input x defers the gradient of ``tensor`` (a weight, a shared matrix):
+    inside a scope, training, the tensor wanting a gradient, x not empty, no autocast; else None."""
+    scope = _deferred_scope.get()
+    if scope is None or x.numel() == 0 or not tensor.requires_grad or not torch.is_grad_enabled():
+        return None
+    return None if torch.is_autocast_enabled(x.device.type) else scope
+
+
 def _deferred(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, kind: str = "grouped_linear"
               ) -> Optional[_DeferredWeight]:  # fmt: skip
     """The weight's ``_DeferredWeight`` when this call defers its gradient, else None. x: K x N x In, weight:
     K x Out x In (or Out x In), bias: K x Out or None: the first call's, from which the products' kernel is
     chosen as for a call outside the scope (``_choose_grouped``)."""
-    scope = _deferred_scope.get()
-    if scope is None or x.numel() == 0 or not weight.requires_grad or not torch.is_grad_enabled():
-        return None
-    if torch.is_autocast_enabled(x.device.type):
+    scope = _deferring_scope(x, weight)
+    if scope is None:
         return None
     entry = scope.get(id(weight))
     if entry is None:
@@ -490,16 +497,15 @@ class _Shared:
 
 
 def _shared(matrix: Tensor, vec: Tensor) -> Optional[_Shared]:
-    """The matrix's ``_Shared`` when this call defers its gradient (as ``_deferred`` decides for a weight)."""
-    scope = _deferred_scope.get()
-    if scope is None or vec.numel() == 0 or not matrix.requires_grad or not torch.is_grad_enabled():
-        return None
-    if torch.is_autocast_enabled(vec.device.type):
+    """The matrix's ``_Shared`` when this call defers its gradient (``_deferring_scope``), else None."""
+    scope = _deferring_scope(vec, matrix)
+    if scope is None:
         return None
     key = ("shared", id(matrix))
     if key not in scope:
         scope[key] = _Shared(matrix)
     return scope[key]
+
 
 # ---------------------------------------------------------------------- the fused group LSTM's products
 
