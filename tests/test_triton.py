@@ -20,7 +20,7 @@ from grnn_fairseq.modules import backend, group_lstm, steps, triton_step  # noqa
 from grnn_fairseq.modules.fused_group_lstm import fused_group_lstm_direction  # noqa: E402
 from grnn_fairseq.modules.group_lstm import GroupLSTM, GroupLSTMCell, group_lstm_reference  # noqa: E402
 
-from conftest import device_waits  # noqa: E402
+from conftest import Dispatched, device_waits  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # relative error bounds against float32 PyTorch operations on the same (rounded) inputs
@@ -455,6 +455,42 @@ def test_cell_matches_pytorch_cell(fused_mode, launches, dtype, K):
     assert launches == {"forward": 6, "backward": 6}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cell_backward_is_one_launch(monkeypatch, dtype):
+    """The cell's backward reads dc_t in its own dtype and writes dc_{t-1} in c's: around its one launch it
+    allocates and copies or casts nothing (on a GPU every copy is a launch per decoder step), and its
+    gradients equal those of PyTorch operations."""
+    in_launch, launched = [False], []
+    real = triton_step.StepLauncher.__call__
+
+    def launch(self, key, t, make_args):  # the interpreter's own operators are not the step's
+        launched.append(self.kernel.fn.__name__)
+        in_launch[0] = True
+        try:
+            return real(self, key, t, make_args)
+        finally:
+            in_launch[0] = False
+
+    class Outside(Dispatched):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if in_launch[0]:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    monkeypatch.setattr(triton_step.StepLauncher, "__call__", launch)
+    gen = torch.Generator().manual_seed(0)
+    gates, c = (torch.randn(*shape, generator=gen).to(dtype).requires_grad_(True) for shape in ((2, 3, 32), (2, 3, 8)))
+    h, c_new = triton_step.triton_cell(gates, c)
+    dh, dc = torch.randn(2, 3, 8, generator=gen).to(dtype), torch.randn(2, 3, 8, generator=gen).to(dtype)
+    launched.clear()
+    with Outside() as ops:
+        got = torch.autograd.grad((h, c_new), (gates, c), (dh, dc))
+    assert launched == ["_backward_kernel"] and sorted(ops.names) == ["empty", "empty"]  # dgates, dc_{t-1}
+    assert [g.dtype for g in got] == [dtype, dtype]
+    want = torch.autograd.grad(steps.lstm_cell(gates.float(), c.float()), (gates, c), (dh.float(), dc.float()))
+    assert_close(got, want, 1e-5 if dtype == torch.float32 else HALF_TOL[dtype], relative=dtype != torch.float32)
+
+
 @pytest.mark.parametrize("reads", ["all", "final", "output"])
 def test_loop_graph_buffers_match_eager(reads):
     """cuda_graphs on the interpreter: the loops run on LoopGraphs' own buffers (the copies in and out, dh_n and
@@ -631,8 +667,8 @@ def test_kernels_compile_for_hopper(dtype):
     p = "*" + dtype
     fwd = {"G": p, "R": p, "R_next": p, "W": p, "RM": p, "OUT": p, "C": "*fp32", "C_next": "*fp32", "Q": "*fp32",
            "QC": "*fp32", "F": "*fp32", "SYNC": "*i32"}  # fmt: skip
-    bwd = {"DG": p, "W": p, "DY": p, "RM": p, "Q": "*fp32", "QC": "*fp32", "F": "*fp32", "DC": "*fp32", "DR": "*fp32",
-           "DC_ADD": "*fp32", "SYNC": "*i32"}  # fmt: skip
+    bwd = {"DG": p, "W": p, "DY": p, "RM": p, "Q": "*fp32", "QC": "*fp32", "F": "*fp32", "DC": "*fp32",
+           "DC_OUT": "*fp32", "DR": "*fp32", "DC_ADD": "*fp32", "SYNC": "*i32"}  # fmt: skip
     dot = {"UPCAST_DOT": False, "PRECISION": "ieee"}
     for B, K, Hk in ((64, 4, 256), (128, 1, 2048)):
         t = triton_step.tile_sizes(B, K, Hk, half, 132)
@@ -660,7 +696,8 @@ def test_kernels_compile_for_hopper(dtype):
     assert compile_for_hopper("forward", fwd, {**flags, **unused}, t.forward_warps)
     flags = {"SHUFFLE": False, "HAS_NEXT": False, "POINTWISE": True, "HAS_DY": True, "HAS_RM": False, **dot,
              "BLOCK_B": t.BLOCK_B, "BLOCK_R": t.BLOCK_R, "BLOCK_N": t.BLOCK_N}  # fmt: skip
-    assert compile_for_hopper("backward", bwd, {**flags, "W": None, "RM": None, "DR": None}, t.backward_warps)
+    cell_bwd = {**bwd, "DC": p, "DC_OUT": p}  # dc_t read and dc_{t-1} written in c's dtype
+    assert compile_for_hopper("backward", cell_bwd, {**flags, "W": None, "RM": None, "DR": None}, t.backward_warps)
 
 
 def assert_loop_barrier(ptx, loop):

@@ -15,7 +15,9 @@ gates i, f, g, o, a step is cut into tiles, one program each: grid (K, B / BLOCK
   (times the recurrent dropout mask), from the gate gradients the launch of step t+1 wrote, then for the h unit that
   r unit holds it adds the output gradient, updates dc and writes the four gate gradients of step t. Every h unit
   belongs to exactly one tile, so nothing is computed twice and dc (kept in r order, float32) is updated in place.
-  After the loop one product-only launch gives dr_0.
+  After the loop one product-only launch gives dr_0. The cell's step (``TritonCellFunction``) reads dc_t from
+  its incoming gradient, in its own dtype, and writes dc_{t-1} into a new tensor in c's dtype: one launch per
+  step and direction, with no copy or cast around it.
 * Persistent loops (the backend's ``persistent_loops``): one launch runs a whole loop, forward or backward, on
   as many programs as the GPU has multiprocessors (at most one per tile), each taking every P-th tile of a
   step, then waiting at a grid barrier (an atomic counter, as CUDA's grid sync) until every program has
@@ -176,7 +178,7 @@ def _forward_tile(
 
 
 def _backward_tile(
-    DG, W, Q, QC, F, DC, DY, RM, DR, DC_ADD,  # pointers (None where a flag leaves them out)
+    DG, W, Q, QC, F, DC, DC_OUT, DY, RM, DR, DC_ADD,  # pointers (None where a flag leaves them out)
     g, rb, ru, t, ts, B_next, T, B, K, Hk, dy_st, dy_sb, dy_sk,
     SHUFFLE: tl.constexpr, HAS_NEXT: tl.constexpr, POINTWISE: tl.constexpr, HAS_DY: tl.constexpr,
     HAS_RM: tl.constexpr, HAS_DC_ADD: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -186,7 +188,8 @@ def _backward_tile(
     B_next: the rows step t+1 has (B, or 0 after a loop's last step).
 
     DG: K x T x B x 4Hk gate gradients (of the undoubled pre-activations), read at t+1, written at t. W: K x 4Hk x
-    Hk. Q, QC, F as the forward kernel wrote them. DC: K x B x Hk, dc in r order, float32, updated in place. DY:
+    Hk. Q, QC, F as the forward kernel wrote them. DC: K x B x Hk, dc_t in r order, read; DC_OUT: where dc_{t-1}
+    goes, the same (the loops: float32, updated in place) or another (the cell: dc_t of any dtype in, c's out). DY:
     the gradient of h_t from outside, element [t, b, k, j] at t * dy_st + b * dy_sb + k * dy_sk + j. RM: K x B x
     Hk dropout mask in r order. DR: K x B x Hk, float32, written by the product-only variant (POINTWISE off).
     DC_ADD: T x K x B x Hk, float32, h order: gradients added to dc at each step (the final cell state's).
@@ -227,7 +230,7 @@ def _backward_tile(
             dy_ptr = DY + t.to(tl.int64) * dy_st + rb[:, None] * dy_sb + (k * dy_sk + j)[None, :]
             dh += tl.load(dy_ptr, mask=mbu, other=0.0).to(tl.float32)
         s_off = (k * T * B * Hk + j)[None, :] + (ts + rb[:, None]) * Hk  # [k, t, b, j] of QC and F
-        dc = tl.load(DC + r_off, mask=mbu, other=0.0) + dh * tl.load(QC + s_off, mask=mbu, other=0.0)
+        dc = tl.load(DC + r_off, mask=mbu, other=0.0).to(tl.float32) + dh * tl.load(QC + s_off, mask=mbu, other=0.0)
         if HAS_DC_ADD:  # dc_n of the rows whose last step this is: DC_ADD[t, k, b, j]
             dc += tl.load(DC_ADD + ((t * K + k) * B * Hk + j)[None, :] + rb[:, None] * Hk, mask=mbu, other=0.0)
         q_off = (k * T * B * G4 + j)[None, :] + (ts + rb[:, None]) * G4  # [k, t, b, j] of Q and DG, gate i
@@ -236,7 +239,8 @@ def _backward_tile(
         tl.store(DG + q_off + Hk, (tl.load(Q + q_off + Hk, mask=mbu, other=0.0) * dc).to(dg_type), mask=mbu)
         tl.store(DG + q_off + 2 * Hk, (tl.load(Q + q_off + 2 * Hk, mask=mbu, other=0.0) * dc).to(dg_type), mask=mbu)
         tl.store(DG + q_off + 3 * Hk, (tl.load(Q + q_off + 3 * Hk, mask=mbu, other=0.0) * dh).to(dg_type), mask=mbu)
-        tl.store(DC + r_off, dc * tl.load(F + s_off, mask=mbu, other=0.0), mask=mbu)  # dc_{t-1}
+        dc_prev = dc * tl.load(F + s_off, mask=mbu, other=0.0)  # dc_{t-1}
+        tl.store(DC_OUT + r_off, dc_prev.to(DC_OUT.dtype.element_ty), mask=mbu)
 
 
 _forward_tile = _DeviceFunction(_forward_tile)
@@ -311,7 +315,7 @@ def _forward_loop_kernel(
 
 
 def _backward_kernel(
-    DG, W, Q, QC, F, DC, DY, RM, DR,  # pointers (None where a flag leaves them out)
+    DG, W, Q, QC, F, DC, DC_OUT, DY, RM, DR,  # pointers (None where a flag leaves them out)
     t, T, B, K, Hk, dy_st, dy_sb, dy_sk,
     SHUFFLE: tl.constexpr, HAS_NEXT: tl.constexpr, POINTWISE: tl.constexpr, HAS_DY: tl.constexpr,
     HAS_RM: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -321,8 +325,8 @@ def _backward_kernel(
     g = tl.program_id(0).to(tl.int64)
     rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # rows
     ru = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # units of group g of the recurrent input
-    _backward_tile(DG, W, Q, QC, F, DC, DY, RM, DR, None, g, rb, ru, t, t.to(tl.int64) * B, B, T, B, K, Hk, dy_st,
-                   dy_sb, dy_sk, SHUFFLE, HAS_NEXT, POINTWISE, HAS_DY, HAS_RM, False, UPCAST_DOT, PRECISION,
+    _backward_tile(DG, W, Q, QC, F, DC, DC_OUT, DY, RM, DR, None, g, rb, ru, t, t.to(tl.int64) * B, B, T, B, K, Hk,
+                   dy_st, dy_sb, dy_sk, SHUFFLE, HAS_NEXT, POINTWISE, HAS_DY, HAS_RM, False, UPCAST_DOT, PRECISION,
                    BLOCK_B, BLOCK_R, BLOCK_N)  # fmt: skip
 
 
@@ -343,7 +347,7 @@ def _backward_loop_kernel(
         rows_next = B * (tt + 1 < T).to(tl.int32)
         for tile in range(tl.program_id(0), tiles, P):
             g, rb, ru = _loop_tile(tile, K, nb, BLOCK_B, BLOCK_R)
-            _backward_tile(DG, W, Q, QC, F, DC, DY, RM, None, DC_ADD, g, rb, ru, tt, tt.to(tl.int64) * B, rows_next,
+            _backward_tile(DG, W, Q, QC, F, DC, DC, DY, RM, None, DC_ADD, g, rb, ru, tt, tt.to(tl.int64) * B, rows_next,
                            T, B, K, Hk, dy_st, dy_sb, dy_sk, SHUFFLE, True, True, HAS_DY, HAS_RM, HAS_DC_ADD,
                            UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_R, BLOCK_N)  # fmt: skip
         if s + 1 < steps:
@@ -690,7 +694,7 @@ class TritonStep(Step):
         def args():
             b, has_dy = self.buf, self.dy is not None
             return {**self._named(
-                b.DG, self.w, b.Q, b.QC, b.F, self.dc_r, self.dy if has_dy else None, b.rm, dr,
+                b.DG, self.w, b.Q, b.QC, b.F, self.dc_r, self.dc_r, self.dy if has_dy else None, b.rm, dr,
                 t, T, B, K, Hk, B * K * Hk, K * Hk, Hk,  # dy: T x B x H, element [t, b, k, j]
             ), "HAS_NEXT": has_next, "POINTWISE": pointwise, "HAS_DY": has_dy, **self.flags}  # fmt: skip
 
@@ -988,8 +992,8 @@ class TritonCellFunction(torch.autograd.Function):
         K, B, G4 = Q.shape
         Hk = G4 // 4
         gates_dtype, c_dtype = ctx.dtypes
-        dc = Q.new_zeros(K, B, Hk) if dc_new is None else dc_new.to(torch.float32, copy=True)  # dc_t -> dc_{t-1}
-        dc = dc.contiguous()
+        dc = Q.new_zeros(K, B, Hk) if dc_new is None else dc_new.contiguous()  # dc_t, read
+        dc_prev = torch.empty(K, B, Hk, dtype=c_dtype, device=Q.device)  # dc_{t-1}, written: no copy, no cast
         dh = None if dh is None else dh.contiguous()
         dgates = torch.empty(K, B, G4, dtype=gates_dtype, device=Q.device)
         tiles = _tiles(dgates, B, K, Hk)
@@ -997,11 +1001,12 @@ class TritonCellFunction(torch.autograd.Function):
         # one step (T = 1, t = 0) of the backward kernel without a product: dh (K x B x H/K) as the output gradient
         launch = StepLauncher(_kernel("backward", not Q.is_cuda), grid, {"num_warps": tiles.backward_warps}, Q.device)
         launch("cell", 0, lambda: {
-            **dict(zip(launch.params, (dgates, None, Q, QC, F, dc, dh, None, None, 0, 1, B, K, Hk, 0, Hk, B * Hk))),
+            **dict(zip(launch.params, (dgates, None, Q, QC, F, dc, dc_prev, dh, None, None, 0, 1, B, K, Hk, 0, Hk,
+                                       B * Hk))),
             "SHUFFLE": False, "HAS_NEXT": False, "POINTWISE": True, "HAS_DY": dh is not None, "HAS_RM": False,
             "BLOCK_B": tiles.BLOCK_B, "BLOCK_R": tiles.BLOCK_R, "BLOCK_N": tiles.BLOCK_N, **_dot_options(dgates),
         })  # fmt: skip
-        return dgates, dc.to(c_dtype)
+        return dgates, dc_prev
 
 
 def triton_cell(gates: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
