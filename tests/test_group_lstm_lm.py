@@ -9,6 +9,7 @@ import torch
 
 import grnn_fairseq
 from grnn_fairseq import tables
+from grnn_fairseq.modules import backend
 
 from conftest import USER_DIR, fairseq_cli, fairseq_eval_lm_in_process, fairseq_train_in_process, grammar_sentences
 
@@ -51,6 +52,33 @@ def test_incremental_decoding_equals_full_forward(groups, design):
     step = model.decoder(torch.cat([tokens[order], more], 1), incremental_state=state)
     full = model.get_normalized_probs(model(torch.cat([tokens[order], more], 1)), log_probs=True)
     assert torch.allclose(model.get_normalized_probs(step, log_probs=True)[:, 0], full[:, -1], atol=1e-5)
+
+
+def test_incremental_decoding_packs_each_weight_once(monkeypatch):
+    """Without gradients (sampling, beam search) and with oneDNN's products, the decoder packs each weight in its
+    first incremental step only (the packed weights live in the incremental state) and decodes as the full pass."""
+    if not backend.onednn_usable(torch.zeros(1)):
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    model = build_lm("--decoder-embed-dim", "16", "--decoder-hidden-size", "32", "--decoder-layers", "2",
+                     "--decoder-groups", "2", "--grnn-products", "onednn")  # fmt: skip
+    tokens = torch.randint(4, 50, (3, 6))
+    packed = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight  # what packs a weight into oneDNN's blocked layout
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight",
+                        lambda w, *a: packed.append(w.shape) or reorder(w, *a))  # fmt: skip
+    with torch.no_grad():
+        full = model.get_normalized_probs(model(tokens), log_probs=True)
+        counts = []
+        for steps in (2, 6):
+            packed.clear()
+            state = {}
+            for t in range(steps):
+                step = model.decoder(tokens[:, : t + 1], incremental_state=state)
+                step = model.get_normalized_probs(step, log_probs=True)
+                torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-5)
+            counts.append(sorted(packed))
+    assert counts[0] and counts[0] == counts[1]
 
 
 def test_invalid_flags_name_the_flag():

@@ -1,5 +1,6 @@
 """group_rnnsearch: incremental decoding, padding invariance, architecture sizes and the fairseq CLI end to end."""
 
+import contextlib
 import logging
 import random
 import re
@@ -10,19 +11,21 @@ import torch
 
 from fairseq import checkpoint_utils, options, utils
 from fairseq.data import Dictionary
+from fairseq.sequence_generator import SequenceGenerator
 from fairseq.tasks.translation import TranslationTask
 
 from conftest import USER_DIR, Dispatched, device_waits, fairseq_train_in_process
 
 utils.import_user_module(Namespace(user_dir=USER_DIR))  # what --user-dir does: registers the models
 
+from grnn_fairseq.models import group_rnnsearch  # noqa: E402
 from grnn_fairseq.models.group_rnnsearch import (  # noqa: E402
     GroupRNNSearchModel,
     attend,
     attention_mask_bias,
     recurrent_parameter_count,
 )
-from grnn_fairseq.modules import SRU, FactorizedLSTM, GroupLSTM, GroupLSTMCell  # noqa: E402
+from grnn_fairseq.modules import SRU, FactorizedLSTM, GroupLSTM, GroupLSTMCell, backend  # noqa: E402
 
 VOCAB = 24
 
@@ -114,6 +117,44 @@ def test_incremental_decoding_equals_full_forward(groups, attention, design):
         logits, attn = model.decoder(prev[order, : t + 1], encoder_out, incremental_state=state)
         step = model.get_normalized_probs((logits, attn), log_probs=True)
         torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_beam_search_packs_each_weight_once(groups, monkeypatch):
+    """fairseq's beam search with oneDNN's products (--grnn-products onednn): the decoder packs each weight once
+    per batch, in its first step, however many steps follow (the packed weights live in the incremental state),
+    and finds the same hypotheses with the same scores as when every step packs its own."""
+    if not backend.onednn_usable(torch.zeros(1)):
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    tgt_dict = make_dictionary()
+    model = build("group_rnnsearch_iwslt", "--encoder-embed-dim", "16", "--encoder-hidden-size", "16",
+                  "--decoder-embed-dim", "16", "--decoder-out-embed-dim", "16", "--encoder-groups", str(groups),
+                  "--decoder-groups", str(groups), *RESIDUAL[:1], "--decoder-hidden-size", "32",
+                  "--grnn-products", "onednn", tgt_dict=tgt_dict).eval()  # fmt: skip
+    src, lengths = left_padded_batch([5, 3, 4])
+    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+    packed = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight  # what packs a weight into oneDNN's blocked layout
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight",
+                        lambda w, *a: packed.append(w.shape) or reorder(w, *a))  # fmt: skip
+
+    def search(steps):
+        packed.clear()
+        generator = SequenceGenerator([model], tgt_dict, beam_size=3, max_len_a=0, max_len_b=steps, min_len=steps)
+        with torch.no_grad():
+            hypos = generator.generate([model], sample)
+        return [(h[0]["tokens"], h[0]["score"]) for h in hypos], list(packed)
+
+    _, short = search(2)
+    kept, long = search(8)
+    assert short and sorted(short) == sorted(long)  # the same weights, packed once each
+    monkeypatch.setattr(group_rnnsearch, "incremental_packing", lambda *a: contextlib.nullcontext())
+    per_step, repacked = search(8)
+    assert len(repacked) > len(long)
+    for (tokens, score), (want_tokens, want_score) in zip(kept, per_step):
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(score, want_score, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["bahdanau", "luong"])

@@ -165,3 +165,24 @@ def test_profile_model_profiles_fairseq_updates(tmp_path, capsys):
     assert phases and all(float(ms) > 0 for ms in phases.groups()), out
     assert "Self CPU" in out and "Input Shapes" in out
     assert re.search(r"aten::(addmm|mm|bmm) |mkldnn::_linear_pointwise ", out)
+
+
+def test_benchmark_generate_decodes_every_model_to_the_forced_length(tmp_path):
+    """scripts/benchmark_generate.py on the tiny corpus: per batch size, every model's beam search decodes the
+    same sentences to --length tokens (plus EOS), and the table and the JSON hold its speed against fairseq's."""
+    benchmark_generate = pytest.importorskip("benchmark_generate")
+    tiny_de_en(tmp_path)
+    models = ["fairseq lstm_wiseman_iwslt_de_en, decoder 512", "group_rnnsearch_iwslt, groups 2, translation recipe"]
+    out = tmp_path / "generate.json"
+    results = benchmark_generate.main([str(tmp_path / "data-bin"), "--batch-size", "4", "1", "--sentences", "6", "2",
+                                       "--length", "3", "--rounds", "1", "--models", *models, "--json", str(out)])
+    assert list(results) == ["4", "1"] and json.loads(out.read_text())["batch_size"]["1"] == results["1"]
+    for batch_size, sentences in (("4", 6), ("1", 2)):
+        rows = results[batch_size]
+        assert [r["model"] for r in rows] == models
+        assert all(r["tokens"] == sentences * 4 for r in rows)  # 3 tokens and EOS per sentence
+        assert rows[0]["ratios"] == [None, 1.0] and rows[1]["ratios"][1] > 0
+    with pytest.raises(SystemExit):
+        benchmark_generate.main([str(tmp_path / "data-bin"), "--batch-size", "4", "1", "--sentences", "6"])
+    lines = benchmark_generate.table(results["4"], 4).splitlines()
+    assert lines[0] == "--batch-size 4:" and lines[-1].startswith(f"| {models[1]} |")

@@ -1,15 +1,18 @@
-"""What group_lstm_lm and group_rnnsearch share: the backend flags, the checks of group counts and cells, and
-dropout with the cheaper CPU mask."""
+"""What group_lstm_lm and group_rnnsearch share: the backend flags, the packed weights of incremental decoding,
+the checks of group counts and cells, and dropout with the cheaper CPU mask."""
 
+import contextlib
 import functools
 import logging
 
+import torch
 from fairseq.modules import FairseqDropout
 from torch import Tensor
 
 from grnn_fairseq.errors import ConfigError
 from grnn_fairseq.modules import CELLS, backend
 from grnn_fairseq.modules.dropout import dropout, dropout_mask
+from grnn_fairseq.modules.products import reuse_packed_weights
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,20 @@ def under_backend(method):
             return method(self, *args, **kwargs)
 
     return run
+
+
+def incremental_packing(decoder, incremental_state):
+    """The scope of one forward call of ``decoder`` (a FairseqIncrementalDecoder): while it decodes incrementally
+    without gradients (fairseq's beam search and sampling: the steps of one batch, whose weights do not change),
+    a ``reuse_packed_weights`` scope whose store of oneDNN's packed weights lives in the incremental state, so
+    that every step reuses the first step's; else no scope (training calls pack their own)."""
+    if incremental_state is None or torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    store = decoder.get_incremental_state(incremental_state, "packed_weights")
+    if store is None:
+        store = {}
+        decoder.set_incremental_state(incremental_state, "packed_weights", store)
+    return reuse_packed_weights(store)
 
 
 # ------------------------------------------------------------------------------------------------- checks

@@ -36,6 +36,7 @@ from grnn_fairseq.models.common import (
     backend_from_args,
     check_cell,
     check_groups,
+    incremental_packing,
     sequence_dropout,
     under_backend,
 )
@@ -246,8 +247,9 @@ class GroupLSTMLMDecoder(FairseqIncrementalDecoder):
         incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
         **kwargs,
     ):
-        x = self.extract_features(prev_output_tokens, incremental_state)
-        return self.output_layer(x), None
+        with incremental_packing(self, incremental_state):
+            x = self.extract_features(prev_output_tokens, incremental_state)
+            return self.output_layer(x), None
 
     @under_backend
     def extract_features(self, prev_output_tokens: Tensor, incremental_state=None) -> Tensor:

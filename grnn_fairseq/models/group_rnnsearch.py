@@ -59,6 +59,7 @@ from grnn_fairseq.models.common import (
     check_cell,
     check_groups,
     check_rates,
+    incremental_packing,
     under_backend,
 )
 from grnn_fairseq.modules import CELLS, RECURRENT_LAYERS, GroupLSTMCell, channel_shuffle, recurrent_stack
@@ -322,8 +323,9 @@ class GroupRNNSearchDecoder(FairseqIncrementalDecoder):
         incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
         **unused,
     ) -> Tuple[Tensor, Tensor]:
-        x, attn = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
-        return self.output_layer(x), attn
+        with incremental_packing(self, incremental_state):
+            x, attn = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
+            return self.output_layer(x), attn
 
     def initial_state(self, encoder_out: EncoderOut) -> Dict[str, Tensor]:
         """The decoder state before the first target token, and the keys projected once per sentence."""

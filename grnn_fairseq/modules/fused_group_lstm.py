@@ -172,7 +172,10 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
         scratch_slabs += saved_slabs
         saved_slabs = []
     xg = x.reshape(T * B, K, Ik).transpose(0, 1)  # T x B x I -> K x (T*B) x I/K
-    Gs = products.input_projections(xg, w_ih * scale.view(1, G4, 1), bias, G, Xc)  # K x (T*B x 4H/K)
+    # the gate-scaled weights: once per reuse_packed_weights scope (an incremental decoder's steps), else per call
+    w_ih_s = products.derived_weight(w_ih, "gate-scaled", lambda: w_ih * scale.view(1, G4, 1))  # K x 4H/K x I/K
+    w_hh_s = products.derived_weight(w_hh, "gate-scaled", lambda: w_hh * scale.view(1, G4, 1))  # K x 4H/K x H/K
+    Gs = products.input_projections(xg, w_ih_s, bias, G, Xc)  # K x (T*B x 4H/K)
     _h_view(R, K, shuffle)[:, 0].copy_(_h_split(h0.view(B, K, Hk).transpose(0, 1), K, shuffle))  # B x H -> r order
     C[:, 0].copy_(c0.view(B, K, Hk).transpose(0, 1))  # B x H -> K x B x H/K
     rm = None
@@ -181,7 +184,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
         _h_view(rm.unsqueeze(1), K, shuffle).squeeze(1).copy_(_h_split(rmask.view(B, K, Hk).transpose(0, 1), K, shuffle))
     out = x.new_empty(T, B, H)  # a copy, never a view of R (saved for backward)
     buf = StepBuffers(x=x, K=K, T=T, B=B, Hk=Hk, shuffle=shuffle, R=R, Q=Q, QC=QC, F=F, rm=rm,
-                      w_hh=w_hh * scale.view(1, G4, 1), G=[g.view(T, B, G4) for g in Gs], C=C, out=out)  # fmt: skip
+                      w_hh=w_hh_s, G=[g.view(T, B, G4) for g in Gs], C=C, out=out)  # fmt: skip
     step = make_step(buf, forward=True, kind=kind, loops=loops)
     step.forward_loop()
     if lengths is None:
@@ -313,11 +316,14 @@ def fused_group_lstm_direction(
     """``group_lstm_direction`` on the fused path; the padding is given as lengths (B) rather than a mask.
 
     Shapes as ``group_lstm_direction``. Without any input that requires grad, no buffers are saved.
-    aten_at_one_group: K = 1 without padding or recurrent dropout runs aten's LSTM kernel; False keeps it on the
-    step backend (``grnn_fairseq.benchmark`` times the Triton kernel at K = 1 so).
+    aten_at_one_group: K = 1 without padding or recurrent dropout runs aten's LSTM kernel, except inside a
+    ``reuse_packed_weights`` scope (an incremental decoder's steps, T = 1: aten's kernel would repack its weights
+    at every call, the fused path's products reuse the scope's); False keeps it on the step backend
+    (``grnn_fairseq.benchmark`` times the Triton kernel at K = 1 so).
     """
     tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-    if aten_at_one_group and w_ih.size(0) == 1 and lengths is None and recurrent_mask is None:
+    one_group = w_ih.size(0) == 1 and lengths is None and recurrent_mask is None
+    if aten_at_one_group and one_group and not products.reusing_packed_weights():
         # K = 1 is nn.LSTM (same weight layout, no shuffle): aten's LSTM kernel (oneDNN on CPU, cuDNN on
         # CUDA) beats a Python time loop there, whose per-step sgemm runs far below peak.
         # 1 x 4H x C -> 4H x C, ...: squeeze, whose gradient is a view (indexing's would fill a zero copy)

@@ -9,7 +9,8 @@ layout runs on aten, which reads any strides.
 * ``linear`` / ``Linear``: ``F.linear`` / ``nn.Linear`` (same parameters and state dict).
 * ``grouped_linear``: every group's own linear map, batched (the group LSTM's products).
 * ``reuse_packed_weights()``: inside a decoder's loop over target steps, oneDNN's weights are packed into its
-  blocked layout once (their transposes for the input gradient too) and reused by every call of the scope.
+  blocked layout once (their transposes for the input gradient too) and reused by every call of the scope; an
+  incremental decoder's steps share one store of them (``models/common.py``: ``incremental_packing``).
 * ``deferred_weight_grads()``: inside the same loop, when training, the weight gradients of ``linear`` and
   ``grouped_linear``, and the gradients of the matrices ``matvec`` and ``vecmat`` read at every step (an
   attention's keys and values), are one product over the rows of all steps after the loop's backward pass,
@@ -126,15 +127,22 @@ _packed: contextvars.ContextVar[Optional[Dict[Tuple, Tuple[Tensor, Tensor]]]] = 
 
 
 @contextlib.contextmanager
-def reuse_packed_weights():
+def reuse_packed_weights(store: Optional[Dict] = None):
     """Pack each weight once for all the linears of this scope (weights must not change inside it; not across
-    scopes: fairseq's optimizers update ``p.data`` in place, which no version counter sees)."""
-    token = _packed.set({}) if _packed.get() is None else None
+    scopes: fairseq's optimizers update ``p.data`` in place, which no version counter sees). store: a dict that
+    holds the packed weights beyond the scope, for the next scope given it (an incremental decoder's state: the
+    steps of one beam search, whose weights do not change); default a new one. An inner scope is the outer's."""
+    token = _packed.set({} if store is None else store) if _packed.get() is None else None
     try:
         yield
     finally:
         if token is not None:
             _packed.reset(token)
+
+
+def reusing_packed_weights() -> bool:
+    """Whether a ``reuse_packed_weights`` scope is open."""
+    return _packed.get() is not None
 
 
 def packed_weight(weight: Tensor, transposed: bool, rows: int) -> Tensor:
@@ -149,6 +157,26 @@ def packed_weight(weight: Tensor, transposed: bool, rows: int) -> Tensor:
     entry = scope.get(key)
     if entry is None:
         entry = scope[key] = (base, pack(w, transposed, rows))  # base: keeps its id
+    return entry[1]
+
+
+def packed_for_steps(weight: Tensor, transposed: bool, rows: int) -> Tensor:
+    """``weight`` packed for the products of a loop's steps: from the open ``reuse_packed_weights`` scope (packed
+    once there), else packed now."""
+    return packed_weight(weight, transposed, rows) if reusing_packed_weights() else pack(weight, transposed, rows)
+
+
+def derived_weight(weight: Tensor, name: str, make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, a tensor computed from ``weight`` alone (``name`` tells the derivations apart), made once per
+    ``reuse_packed_weights`` scope, so that the same tensor, and so its packed form, serves every call of the
+    scope; outside a scope, made now."""
+    scope = _packed.get()
+    if scope is None:
+        return make()
+    key = (id(weight), name)
+    entry = scope.get(key)
+    if entry is None:
+        entry = scope[key] = (weight, make())  # weight: keeps its id
     return entry[1]
 
 
@@ -535,7 +563,8 @@ def input_projections(xg: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[
 
 
 def _input_projections_onednn(xg: Tensor, w: Tensor, b: Optional[Tensor]) -> List[Tensor]:
-    return [onednn_mm(xg[k], w[k], None if b is None else b[k]) for k in range(xg.size(0))]
+    N = xg.size(1)  # the weights packed once per reuse_packed_weights scope (an incremental decoder's steps)
+    return [onednn_mm(xg[k], packed_weight(w[k], False, N), None if b is None else b[k]) for k in range(xg.size(0))]
 
 
 def _input_projections_aten(xg: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = None,
@@ -608,15 +637,14 @@ class StepProducts:
         self.K = K
         self.onednn = self._choose(x, K, B, Hk) if onednn is None else onednn
         self.w = self.w_t = self.w_grad = None
-        if self.onednn:
-            pack = torch.ops.mkldnn._reorder_linear_weight
+        if self.onednn:  # packed once per call, or per reuse_packed_weights scope (an incremental decoder's steps)
             if w_hh is not None:
-                self.w = [pack(w, B) for w in w_hh.unbind(0)]  # K x (4H/K x H/K), oneDNN layout
+                self.w = [packed_for_steps(w, False, B) for w in w_hh.unbind(0)]  # K x (4H/K x H/K), oneDNN layout
             if w_hh_grad is not None:  # dr = dg @ W_hh = linear(dg, W_hh^T): K x (H/K x 4H/K), oneDNN layout
-                self.w_grad = [pack(w.t().contiguous(), B) for w in w_hh_grad.unbind(0)]
+                self.w_grad = [packed_for_steps(w, True, B) for w in w_hh_grad.unbind(0)]
         else:
-            if w_hh is not None:
-                self.w_t = transposed(w_hh)  # K x 4H/K x H/K -> K x H/K x 4H/K
+            if w_hh is not None:  # K x 4H/K x H/K -> K x H/K x 4H/K, once per call or reuse_packed_weights scope
+                self.w_t = derived_weight(w_hh, "transposed", lambda: transposed(w_hh))
             self.w_grad = w_hh_grad  # K x 4H/K x H/K
 
     @staticmethod
