@@ -81,6 +81,25 @@ def test_incremental_decoding_packs_each_weight_once(monkeypatch):
     assert counts[0] and counts[0] == counts[1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_incremental_decoding_keeps_a_bounded_store(dtype):
+    """The store of packed and derived weights in an incremental decode's state holds as many entries after 6
+    steps as after 2: with bfloat16 weights too, whose float32 casts are made once per decode, not per step."""
+    torch.manual_seed(0)
+    model = build_lm("--decoder-embed-dim", "16", "--decoder-hidden-size", "32", "--decoder-layers", "2",
+                     "--decoder-groups", "2").to(dtype)  # fmt: skip
+    tokens = torch.randint(4, 50, (3, 6))
+    sizes = []
+    with torch.no_grad():
+        for steps in (2, 6):
+            state = {}
+            for t in range(steps):
+                out, _ = model.decoder(tokens[:, : t + 1], incremental_state=state)
+                assert out.dtype == dtype and torch.isfinite(out).all()
+            sizes.append(len(model.decoder.get_incremental_state(state, "packed_weights")))
+    assert sizes[0] > 0 and sizes[0] == sizes[1]
+
+
 def test_invalid_flags_name_the_flag():
     with pytest.raises(ValueError, match="--decoder-groups 3 does not divide --decoder-embed-dim 16"):
         build_lm("--decoder-embed-dim", "16", "--decoder-groups", "3")

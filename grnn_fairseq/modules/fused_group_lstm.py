@@ -316,14 +316,14 @@ def fused_group_lstm_direction(
     """``group_lstm_direction`` on the fused path; the padding is given as lengths (B) rather than a mask.
 
     Shapes as ``group_lstm_direction``. Without any input that requires grad, no buffers are saved.
-    aten_at_one_group: K = 1 without padding or recurrent dropout runs aten's LSTM kernel, except inside a
+    aten_at_one_group: K = 1 without padding or recurrent dropout runs aten's LSTM kernel, except on CPU inside a
     ``reuse_packed_weights`` scope (an incremental decoder's steps, T = 1: aten's kernel would repack its weights
     at every call, the fused path's products reuse the scope's); False keeps it on the step backend
     (``grnn_fairseq.benchmark`` times the Triton kernel at K = 1 so).
     """
     tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
     one_group = w_ih.size(0) == 1 and lengths is None and recurrent_mask is None
-    if aten_at_one_group and one_group and not products.reusing_packed_weights():
+    if aten_at_one_group and one_group and not (x.device.type == "cpu" and products.reusing_packed_weights()):
         # K = 1 is nn.LSTM (same weight layout, no shuffle): aten's LSTM kernel (oneDNN on CPU, cuDNN on
         # CUDA) beats a Python time loop there, whose per-step sgemm runs far below peak.
         # 1 x 4H x C -> 4H x C, ...: squeeze, whose gradient is a view (indexing's would fill a zero copy)

@@ -39,7 +39,7 @@ from .functional import (
     to_group_major,
 )
 from .fused_group_lstm import fused_group_lstm_direction, fused_supported
-from .products import grouped_linear, linear
+from .products import derived_weight, grouped_linear, linear
 from .stack import RecurrentStack, reference_stack
 from .steps import cell_pointwise, step_kind
 
@@ -107,9 +107,10 @@ def group_lstm_direction(
             if half is not None:
                 return half
             dtype = x.dtype if x.dtype in HALF else torch.float32
-            up = [None if v is None else v.float() for v in (x, h, c, w_ih, w_hh, b_ih, b_hh, recurrent_mask)]
+            up = [None if v is None else v.float() for v in (x, h, c, recurrent_mask)]
+            weights = _weights_as(torch.float32, w_ih, w_hh, b_ih, b_hh)
             with torch.autocast(device_type=device, enabled=False):
-                out, h_n, c_n = group_lstm_direction(*up[:7], shuffle_time, mask, up[7], lengths)
+                out, h_n, c_n = group_lstm_direction(*up[:3], *weights, shuffle_time, mask, up[3], lengths)
             return out.to(dtype), h_n.to(dtype), c_n.to(dtype)
         ok, lengths = fused_supported(x, w_hh, shuffle_time, mask, lengths)
         if ok:
@@ -128,8 +129,16 @@ def _half_on_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, shuffle_time, mask, recurre
         ok, lengths = fused_supported(x, w_hh, shuffle_time, mask, lengths)
         if not ok:
             return None
-        args = [None if v is None else v.to(dtype) for v in (x, h, c, w_ih, w_hh, b_ih, b_hh, recurrent_mask)]
-        return fused_group_lstm_direction(*args[:7], shuffle_time, lengths, args[7])
+        args = [None if v is None else v.to(dtype) for v in (x, h, c, recurrent_mask)]
+        weights = _weights_as(dtype, w_ih, w_hh, b_ih, b_hh)
+        return fused_group_lstm_direction(*args[:3], *weights, shuffle_time, lengths, args[3])
+
+
+def _weights_as(dtype: torch.dtype, *weights: Optional[Tensor]) -> List[Optional[Tensor]]:
+    """``weights`` in ``dtype``, cast once per ``products.reuse_packed_weights`` scope (the steps of a decoder's
+    loop, an incremental decoder's steps): the same tensors at every step, so that what is derived from them
+    (gate-scaled, packed) is made once too; outside a scope, cast now."""
+    return [None if w is None else derived_weight(w, f"as {dtype}", lambda w=w: w.to(dtype)) for w in weights]
 
 
 def group_lstm_direction_autograd(
