@@ -157,6 +157,40 @@ def test_beam_search_packs_each_weight_once(groups, monkeypatch):
         torch.testing.assert_close(score, want_score, rtol=0, atol=1e-5)
 
 
+def test_beam_search_follows_weights_updated_in_place():
+    """Two beam searches with the same generator, the weights changed in place between them (as fairseq's
+    optimizers change p.data, which no version counter sees): the second finds the hypotheses of a model that
+    was built with the changed weights (no packed weight outlives its search)."""
+    if not backend.onednn_usable(torch.zeros(1)):
+        pytest.skip("this torch has no oneDNN linear")
+    tgt_dict = make_dictionary()
+    flags = ("group_rnnsearch_iwslt", "--encoder-embed-dim", "16", "--encoder-hidden-size", "16", "--decoder-embed-dim",
+             "16", "--decoder-out-embed-dim", "16", "--encoder-groups", "2", "--decoder-groups", "2", *RESIDUAL[:1],
+             "--decoder-hidden-size", "32", "--grnn-products", "onednn")  # fmt: skip
+    torch.manual_seed(0)
+    model = build(*flags, tgt_dict=tgt_dict).eval()
+    src, lengths = left_padded_batch([5, 3, 4])
+    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+    generator = SequenceGenerator([model], tgt_dict, beam_size=3, max_len_a=0, max_len_b=6, min_len=6)
+
+    def search(generator):  # generate() searches with the generator's own models
+        with torch.no_grad():
+            return [(h[0]["tokens"], h[0]["score"]) for h in generator.generate(None, sample)]
+
+    before = search(generator)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(-1.5)  # in place: the same tensors, other values
+    after = search(generator)
+    fresh = build(*flags, tgt_dict=tgt_dict).eval()
+    fresh.load_state_dict(model.state_dict())
+    want = search(SequenceGenerator([fresh], tgt_dict, beam_size=3, max_len_a=0, max_len_b=6, min_len=6))
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(before, after))
+    for (tokens, score), (want_tokens, want_score) in zip(after, want):
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(score, want_score, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("attention", ["bahdanau", "luong"])
 def test_attention_is_the_papers_formula(attention):
     """Scores, padding mask and context of one decoder step, against the formulas written out per source
