@@ -154,10 +154,7 @@ def packed_weight(weight: Tensor, transposed: bool, rows: int) -> Tensor:
         return w.t().contiguous() if transposed else w
     base = weight if weight._base is None else weight._base  # a group's slice shares its parameter's entry
     key = (id(base), weight.storage_offset(), tuple(weight.shape), transposed)
-    entry = scope.get(key)
-    if entry is None:
-        entry = scope[key] = (base, pack(w, transposed, rows))  # base: keeps its id
-    return entry[1]
+    return _once_in(scope, key, base, lambda: pack(w, transposed, rows))
 
 
 def packed_for_steps(weight: Tensor, transposed: bool, rows: int) -> Tensor:
@@ -171,12 +168,15 @@ def derived_weight(weight: Tensor, name: str, make: Callable[[], Tensor]) -> Ten
     ``reuse_packed_weights`` scope, so that the same tensor, and so its packed form, serves every call of the
     scope; outside a scope, made now."""
     scope = _packed.get()
-    if scope is None:
-        return make()
-    key = (id(weight), name)
+    return make() if scope is None else _once_in(scope, (id(weight), name), weight, make)
+
+
+def _once_in(scope: Dict, key: Tuple, keep: Tensor, make: Callable[[], Tensor]) -> Tensor:
+    """``scope[key]``'s tensor, made by ``make()`` at the first call; the entry holds ``keep``, the tensor whose id
+    is in ``key``, so that no other tensor takes that id while the scope lives."""
     entry = scope.get(key)
     if entry is None:
-        entry = scope[key] = (weight, make())  # weight: keeps its id
+        entry = scope[key] = (keep, make())
     return entry[1]
 
 
