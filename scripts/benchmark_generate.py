@@ -26,7 +26,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmark_models import BASELINES, CANDIDATES, RECIPE  # noqa: E402
+from benchmark_models import BASELINES, CANDIDATES, RECIPE, baseline_ratios, markdown_table  # noqa: E402
 from grnn_fairseq.benchmark import processor_name  # noqa: E402
 
 DEFAULT_MODELS = BASELINES + [f"group_rnnsearch_iwslt, groups {k}, translation recipe" for k in (1, 4)]
@@ -76,12 +76,9 @@ def decode(model, task, generator, batches):
 
 
 def table(rows, batch_size):
-    lines = [f"--batch-size {batch_size}:", "", "| model | params | tokens/s | vs fairseq, decoder 256 | "
-             "vs fairseq, decoder 512 |", "|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['tokens_per_second']:.0f} | "
-                     + " | ".join("-" if x is None else f"{x:.2f}x" for x in r["ratios"]) + " |")  # fmt: skip
-    return "\n".join(lines)
+    return markdown_table(f"--batch-size {batch_size}:", ["params", "tokens/s"],
+                          [([r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_second']:.0f}"], r["ratios"])
+                           for r in rows])  # fmt: skip
 
 
 def main(argv=None):
@@ -119,13 +116,12 @@ def main(argv=None):
                 times[name].append(seconds)
                 print(f"--batch-size {batch_size}, round {r + 1}: {name}: {seconds:.2f} s, "
                       f"{tokens[name] / seconds:.0f} tokens/s", flush=True)  # fmt: skip
-        base = [statistics.median(times[b]) if b in times else None for b in BASELINES]  # None: not run
-        rows = []
-        for name in args.models:
-            seconds = statistics.median(times[name])
-            rows.append({"model": name, "params": params[name], "tokens": tokens[name], "seconds": seconds,
-                         "runs": times[name], "tokens_per_second": tokens[name] / seconds,
-                         "ratios": [None if b is None else b / seconds for b in base]})  # fmt: skip
+        seconds = {name: statistics.median(times[name]) for name in args.models}
+        speeds = {name: tokens[name] / seconds[name] for name in args.models}
+        ratios = baseline_ratios(speeds)
+        rows = [{"model": name, "params": params[name], "tokens": tokens[name], "seconds": seconds[name],
+                 "runs": times[name], "tokens_per_second": speeds[name], "ratios": ratios[name]}
+                for name in args.models]  # fmt: skip
         results[str(batch_size)] = rows
         print("\n" + table(rows, batch_size) + "\n", flush=True)
     if args.json:

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -121,15 +122,25 @@ def speed_from_log(log: str, warmup: int):
     return sum(wps) / len(wps), params
 
 
+def baseline_ratios(speeds: Dict[str, float]) -> Dict[str, List[Optional[float]]]:
+    """Each candidate's speed against each of fairseq's models (BASELINES); None where that one did not run."""
+    return {name: [None if b not in speeds else speed / speeds[b] for b in BASELINES] for name, speed in speeds.items()}
+
+
+def markdown_table(title: str, columns: List[str], rows) -> str:
+    """A table of ``columns`` and then one ratio column per fairseq model; rows: (cells, ratios) each."""
+    columns = ["model", *columns] + [f"vs fairseq, {b.split(', ')[-1]}" for b in BASELINES]
+    lines = [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for cells, ratios in rows:
+        lines.append("| " + " | ".join([*cells, *("-" if x is None else f"{x:.2f}x" for x in ratios)]) + " |")
+    return "\n".join(lines)
+
+
 def table(rows, batching):
     """The markdown table of one batching mode."""
-    lines = [f"{BATCHING[batching][0]} {BATCHING[batching][1]}:", "",
-             "| model | params | words/s | peak RSS | vs fairseq, decoder 256 | vs fairseq, decoder 512 |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['wps']:.0f} | {r['peak_rss_mib']:.0f} MiB | "
-                     + " | ".join("-" if x is None else f"{x:.2f}x" for x in r["ratios"]) + " |")  # fmt: skip
-    return "\n".join(lines)
+    cells = [[r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['wps']:.0f}", f"{r['peak_rss_mib']:.0f} MiB"] for r in rows]
+    title = f"{BATCHING[batching][0]} {BATCHING[batching][1]}:"
+    return markdown_table(title, ["params", "words/s", "peak RSS"], zip(cells, [r["ratios"] for r in rows]))
 
 
 def main(argv=None):
@@ -159,12 +170,10 @@ def main(argv=None):
                 runs[name].append(wps)
                 peak[name] = max(peak[name], mib)
                 print(f"{batching}, round {r + 1}: {name}: {wps:.0f} wps, peak RSS {mib:.0f} MiB", flush=True)
-        base = [statistics.median(runs[b]) if b in runs else None for b in BASELINES]  # None: not run
-        rows = []
-        for name in args.models:
-            wps = statistics.median(runs[name])
-            rows.append({"model": name, "params": params[name], "wps": wps, "ratios": [None if b is None else wps / b for b in base],
-                         "runs": runs[name], "peak_rss_mib": peak[name]})  # fmt: skip
+        wps = {name: statistics.median(runs[name]) for name in args.models}
+        ratios = baseline_ratios(wps)
+        rows = [{"model": name, "params": params[name], "wps": wps[name], "ratios": ratios[name], "runs": runs[name],
+                 "peak_rss_mib": peak[name]} for name in args.models]  # fmt: skip
         results[batching] = rows
         print("\n" + table(rows, batching) + "\n", flush=True)
     if args.json:
