@@ -35,6 +35,22 @@ def fused_mode():
     backend.set_default(previous)
 
 
+@pytest.fixture
+def onednn_packs(monkeypatch):
+    """The shapes of the weights packed into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``)
+    while the test runs, in order of packing (a list: clear it between the counts to compare); skips the test
+    where this torch has no oneDNN linear."""
+    from grnn_fairseq.modules import backend
+
+    if not backend.onednn_usable(torch.zeros(1)):
+        pytest.skip("this torch has no oneDNN linear")
+    packed = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight",
+                        lambda w, *a: packed.append(w.shape) or reorder(w, *a))  # fmt: skip
+    return packed
+
+
 class Dispatched(TorchDispatchMode):
     """Every operator dispatched inside the block, forward and backward passes alike: ``names`` in order, and
     ``args`` (name -> the positional arguments of each call) for the operators named in ``keep_args``."""

@@ -9,7 +9,6 @@ import torch
 
 import grnn_fairseq
 from grnn_fairseq import tables
-from grnn_fairseq.modules import backend
 
 from conftest import USER_DIR, fairseq_cli, fairseq_eval_lm_in_process, fairseq_train_in_process, grammar_sentences
 
@@ -54,19 +53,14 @@ def test_incremental_decoding_equals_full_forward(groups, design):
     assert torch.allclose(model.get_normalized_probs(step, log_probs=True)[:, 0], full[:, -1], atol=1e-5)
 
 
-def test_incremental_decoding_packs_each_weight_once(monkeypatch):
+def test_incremental_decoding_packs_each_weight_once(onednn_packs):
     """Without gradients (sampling, beam search) and with oneDNN's products, the decoder packs each weight in its
     first incremental step only (the packed weights live in the incremental state) and decodes as the full pass."""
-    if not backend.onednn_usable(torch.zeros(1)):
-        pytest.skip("this torch has no oneDNN linear")
     torch.manual_seed(0)
     model = build_lm("--decoder-embed-dim", "16", "--decoder-hidden-size", "32", "--decoder-layers", "2",
                      "--decoder-groups", "2", "--grnn-products", "onednn")  # fmt: skip
     tokens = torch.randint(4, 50, (3, 6))
-    packed = []
-    reorder = torch.ops.mkldnn._reorder_linear_weight  # what packs a weight into oneDNN's blocked layout
-    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight",
-                        lambda w, *a: packed.append(w.shape) or reorder(w, *a))  # fmt: skip
+    packed = onednn_packs
     with torch.no_grad():
         full = model.get_normalized_probs(model(tokens), log_probs=True)
         counts = []

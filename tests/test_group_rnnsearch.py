@@ -119,32 +119,51 @@ def test_incremental_decoding_equals_full_forward(groups, attention, design):
         torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_beam_search_packs_each_weight_once(groups, monkeypatch):
-    """fairseq's beam search with oneDNN's products (--grnn-products onednn): the decoder packs each weight once
-    per batch, in its first step, however many steps follow (the packed weights live in the incremental state),
-    and finds the same hypotheses with the same scores as when every step packs its own."""
+def onednn_model(groups, tgt_dict):
+    """A small group_rnnsearch_iwslt (residual decoder) on oneDNN's products (--grnn-products onednn), in eval
+    mode, seeded; skips where this torch has no oneDNN linear."""
     if not backend.onednn_usable(torch.zeros(1)):
         pytest.skip("this torch has no oneDNN linear")
     torch.manual_seed(0)
+    return build("group_rnnsearch_iwslt", "--encoder-embed-dim", "16", "--encoder-hidden-size", "16",
+                 "--decoder-embed-dim", "16", "--decoder-out-embed-dim", "16", "--encoder-groups", str(groups),
+                 "--decoder-groups", str(groups), *RESIDUAL[:1], "--decoder-hidden-size", "32",
+                 "--grnn-products", "onednn", tgt_dict=tgt_dict).eval()  # fmt: skip
+
+
+BEAM_SAMPLE = dict(zip(("src_tokens", "src_lengths"), left_padded_batch([5, 3, 4])))
+
+
+def beam_generator(model, tgt_dict, steps):
+    """fairseq's beam search (beam 3) over ``model`` alone, every hypothesis forced to ``steps`` tokens."""
+    return SequenceGenerator([model], tgt_dict, beam_size=3, max_len_a=0, max_len_b=steps, min_len=steps)
+
+
+def best_hypotheses(generator):
+    """The best hypothesis' tokens and score per sentence of BEAM_SAMPLE (generate() searches with the
+    generator's own models)."""
+    with torch.no_grad():
+        return [(h[0]["tokens"], h[0]["score"]) for h in generator.generate(None, {"net_input": BEAM_SAMPLE})]
+
+
+def assert_same_hypotheses(got, want, atol):
+    for (tokens, score), (want_tokens, want_score) in zip(got, want):
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(score, want_score, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_beam_search_packs_each_weight_once(groups, onednn_packs, monkeypatch):
+    """fairseq's beam search with oneDNN's products (--grnn-products onednn): the decoder packs each weight once
+    per batch, in its first step, however many steps follow (the packed weights live in the incremental state),
+    and finds the same hypotheses with the same scores as when every step packs its own."""
     tgt_dict = make_dictionary()
-    model = build("group_rnnsearch_iwslt", "--encoder-embed-dim", "16", "--encoder-hidden-size", "16",
-                  "--decoder-embed-dim", "16", "--decoder-out-embed-dim", "16", "--encoder-groups", str(groups),
-                  "--decoder-groups", str(groups), *RESIDUAL[:1], "--decoder-hidden-size", "32",
-                  "--grnn-products", "onednn", tgt_dict=tgt_dict).eval()  # fmt: skip
-    src, lengths = left_padded_batch([5, 3, 4])
-    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
-    packed = []
-    reorder = torch.ops.mkldnn._reorder_linear_weight  # what packs a weight into oneDNN's blocked layout
-    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight",
-                        lambda w, *a: packed.append(w.shape) or reorder(w, *a))  # fmt: skip
+    model = onednn_model(groups, tgt_dict)
+    packed = onednn_packs
 
     def search(steps):
         packed.clear()
-        generator = SequenceGenerator([model], tgt_dict, beam_size=3, max_len_a=0, max_len_b=steps, min_len=steps)
-        with torch.no_grad():
-            hypos = generator.generate([model], sample)
-        return [(h[0]["tokens"], h[0]["score"]) for h in hypos], list(packed)
+        return best_hypotheses(beam_generator(model, tgt_dict, steps)), list(packed)
 
     _, short = search(2)
     kept, long = search(8)
@@ -152,43 +171,26 @@ def test_beam_search_packs_each_weight_once(groups, monkeypatch):
     monkeypatch.setattr(group_rnnsearch, "incremental_packing", lambda *a: contextlib.nullcontext())
     per_step, repacked = search(8)
     assert len(repacked) > len(long)
-    for (tokens, score), (want_tokens, want_score) in zip(kept, per_step):
-        assert torch.equal(tokens, want_tokens)
-        torch.testing.assert_close(score, want_score, rtol=0, atol=1e-5)
+    assert_same_hypotheses(kept, per_step, atol=1e-5)
 
 
 def test_beam_search_follows_weights_updated_in_place():
     """Two beam searches with the same generator, the weights changed in place between them (as fairseq's
     optimizers change p.data, which no version counter sees): the second finds the hypotheses of a model that
     was built with the changed weights (no packed weight outlives its search)."""
-    if not backend.onednn_usable(torch.zeros(1)):
-        pytest.skip("this torch has no oneDNN linear")
     tgt_dict = make_dictionary()
-    flags = ("group_rnnsearch_iwslt", "--encoder-embed-dim", "16", "--encoder-hidden-size", "16", "--decoder-embed-dim",
-             "16", "--decoder-out-embed-dim", "16", "--encoder-groups", "2", "--decoder-groups", "2", *RESIDUAL[:1],
-             "--decoder-hidden-size", "32", "--grnn-products", "onednn")  # fmt: skip
-    torch.manual_seed(0)
-    model = build(*flags, tgt_dict=tgt_dict).eval()
-    src, lengths = left_padded_batch([5, 3, 4])
-    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
-    generator = SequenceGenerator([model], tgt_dict, beam_size=3, max_len_a=0, max_len_b=6, min_len=6)
-
-    def search(generator):  # generate() searches with the generator's own models
-        with torch.no_grad():
-            return [(h[0]["tokens"], h[0]["score"]) for h in generator.generate(None, sample)]
-
-    before = search(generator)
+    model = onednn_model(2, tgt_dict)
+    generator = beam_generator(model, tgt_dict, 6)
+    before = best_hypotheses(generator)
     with torch.no_grad():
         for p in model.parameters():
             p.data.mul_(-1.5)  # in place: the same tensors, other values
-    after = search(generator)
-    fresh = build(*flags, tgt_dict=tgt_dict).eval()
+    after = best_hypotheses(generator)
+    fresh = onednn_model(2, tgt_dict)
     fresh.load_state_dict(model.state_dict())
-    want = search(SequenceGenerator([fresh], tgt_dict, beam_size=3, max_len_a=0, max_len_b=6, min_len=6))
+    want = best_hypotheses(beam_generator(fresh, tgt_dict, 6))
     assert any(not torch.equal(a[0], b[0]) for a, b in zip(before, after))
-    for (tokens, score), (want_tokens, want_score) in zip(after, want):
-        assert torch.equal(tokens, want_tokens)
-        torch.testing.assert_close(score, want_score, rtol=0, atol=1e-6)
+    assert_same_hypotheses(after, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("attention", ["bahdanau", "luong"])
