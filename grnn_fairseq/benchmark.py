@@ -28,9 +28,12 @@ gradients):
 * ``torch-ops``: the fused path on PyTorch operations per step (``--grnn-step torch``; float16/bfloat16 in
   float32, as the layer dispatch runs them there);
 * ``flashrnn``: FlashRNN's Triton LSTM (NX-AI, ``pip install flashrnn``) with K heads of H/K, when importable,
-  up to ``--flashrnn-max-head`` units per head: a block-diagonal recurrence without the shuffle.
+  up to ``--flashrnn-max-head`` units per head: a block-diagonal recurrence without the shuffle, G-LSTM (by
+  default in the target configuration and its float32 twin: FlashRNN 1.0.8's backward kernel does not compile
+  in bfloat16 under Triton 3.6, its float32 kernels do up to 64 units per head).
 
-A candidate that fails (FlashRNN refusing a size, a graph capture failing) keeps the error in its row.
+A candidate whose call fails in one mode (FlashRNN's bfloat16 backward, a graph capture) keeps the other mode's
+time and the error in its row.
 
     python -m grnn_fairseq.benchmark --device cuda --json bench-cuda.json --png bench-cuda.png
 """
@@ -288,16 +291,17 @@ CUDA_DEFAULTS = {"hidden": [256, 1024, 2048], "seq_len": [35, 100], "batch": [64
                  "dtype": ["float32", "bfloat16"], "repeats": 20, "warmup": 3}  # fmt: skip
 CPU_DEFAULTS = {"hidden": [256, 1024], "seq_len": [35], "batch": [64], "dtype": ["float32"], "repeats": 7, "warmup": 1}
 TARGET = {"hidden": 1024, "dtype": "bfloat16", "seq_len": 35, "batch": 64}  # the issue's targets are read here
+# the configurations timed first, and where FlashRNN runs by default: the target and its float32 twin
+TARGETS = [(TARGET["hidden"], TARGET["seq_len"], TARGET["batch"], dtype) for dtype in (TARGET["dtype"], "float32")]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cuda_grid(hidden, seq_lens, batches, dtypes):
-    """The (H, T, B, dtype) configurations in timing order: the target configuration first (a run stopped by
-    --max-minutes has it), then the rest in command-line order."""
-    grid = list(itertools.product(hidden, dtypes, seq_lens, batches))
-    target = (TARGET["hidden"], TARGET["dtype"], TARGET["seq_len"], TARGET["batch"])
-    grid.sort(key=lambda c: c != target)  # stable: the rest keep their order
-    return [(H, T, B, dt) for H, dt, T, B in grid]
+    """The (H, T, B, dtype) configurations in timing order: those of ``TARGETS`` first, in its order (a run stopped
+    by --max-minutes has them), then the rest in command-line order."""
+    grid = [(H, T, B, dt) for H, dt, T, B in itertools.product(hidden, dtypes, seq_lens, batches)]
+    grid.sort(key=lambda c: TARGETS.index(c) if c in TARGETS else len(TARGETS))  # stable: the rest keep their order
+    return grid
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
@@ -419,10 +423,64 @@ def time_cuda(fn: Callable[[], None]) -> float:
     return start.elapsed_time(end) / 1e3
 
 
+MODES = ("fwd", "fwd_bwd")
+
+
+def error_text(e: BaseException) -> str:
+    """One line for a row: the exception's type, its first line and, for a compiler's message (which starts with
+    the place and ends with the cause), its last."""
+    lines = [v.strip() for v in str(e).splitlines() if v.strip()]
+    message = lines[0] if lines else ""
+    if len(lines) > 1:
+        message += " ... " + lines[-1]
+    return f"{type(e).__name__}: {message}"[:400]
+
+
+def time_candidates(cands: List[dict], repeats: int, warmup: int, timer: Callable[[Callable[[], None]], float],
+                    synchronize: Callable[[], None], after_failure: Callable[[dict], None]) -> None:  # fmt: skip
+    """Time every candidate's modes (``MODES``): each candidate's ``make()`` gives its closures, each run ``warmup``
+    times, then ``repeats`` interleaved rounds in which ``timer`` times each closure once; the seconds go to
+    ``c["times"][mode]``. A mode whose closure raises is not run again and the other mode goes on; ``c["error"]``
+    says why, the failed mode named unless both failed alike (a ``make()`` that raises fails both).
+    ``after_failure(c)`` runs after each failure (on CUDA: a synchronize that ends the run on a sticky error)."""
+
+    def failed(c, modes, e):
+        for mode in modes:
+            c["steps"].pop(mode, None)
+            c["errors"][mode] = error_text(e)
+        texts = set(c["errors"].values())
+        whole = len(c["errors"]) == len(MODES) and len(texts) == 1
+        c["error"] = texts.pop() if whole else "; ".join(f"{m}: {t}" for m, t in c["errors"].items())
+        after_failure(c)
+
+    for c in cands:
+        c["times"], c["errors"] = {mode: [] for mode in MODES}, {}
+        try:
+            c["steps"] = dict(c["make"]())
+        except Exception as e:  # noqa: BLE001
+            c["steps"] = {}
+            failed(c, MODES, e)
+            continue
+        for mode in MODES:
+            try:
+                for _ in range(warmup):
+                    c["steps"][mode]()
+                synchronize()
+            except Exception as e:  # noqa: BLE001
+                failed(c, [mode], e)
+    for _ in range(repeats):
+        for c in cands:  # interleaved: every round times every candidate once
+            for mode in [m for m in MODES if m in c["steps"]]:
+                try:
+                    c["times"][mode].append(timer(c["steps"][mode]))
+                except Exception as e:  # noqa: BLE001
+                    failed(c, [mode], e)
+
+
 def bench_cuda_config(H, groups, T, B, dtype_name, repeats, warmup, device, flashrnn, flashrnn_max_head=128,
                       persistent=False):  # fmt: skip
-    """Every candidate at one (H, T, B, dtype): warm-up rounds, then ``repeats`` interleaved timed rounds; a
-    candidate that fails (FlashRNN refusing a size, a graph capture failing) keeps its error in its row."""
+    """Every candidate at one (H, T, B, dtype), timed by ``time_candidates``: warm-up rounds, then ``repeats``
+    interleaved timed rounds; a candidate that fails in a mode keeps its error in its row."""
     dt = DTYPES[dtype_name]
     x = torch.randn(T, B, H, device=device).to(dt).requires_grad_(True)  # T x B x H
     gy = torch.randn(T, B, H, device=device).to(dt)
@@ -438,41 +496,18 @@ def bench_cuda_config(H, groups, T, B, dtype_name, repeats, warmup, device, flas
         cands.extend(cuda_candidates(H, K, x, gy, flashrnn, flashrnn_max_head, persistent))
     cands.sort(key=lambda c: c["path"] == "flashrnn")  # another library's kernels last: an error there is theirs
 
-    def failed(c, e):  # the row records why this candidate has no time; the others go on
-        lines = [v.strip() for v in str(e).splitlines() if v.strip()]
-        message = lines[0] if lines else ""
-        if len(lines) > 1:  # a compiler's message starts with the place and ends with the cause
-            message += " ... " + lines[-1]
-        c["error"] = f"{type(e).__name__}: {message}"[:400]
-        c["steps"] = None
+    def end_on_sticky_error(c):  # after a failure: a sticky CUDA error ends the run (nothing more can be timed)
         try:
             torch.cuda.synchronize(device)
-        except RuntimeError:  # a sticky CUDA error: this process can time nothing more
+        except RuntimeError as e:
             raise SystemExit(f"{c['name']} ({c['path']}) left the GPU in an error state: {c['error']}") from e
 
-    for c in cands:
-        c["times"] = {"fwd": [], "fwd_bwd": []}
-        try:
-            c["steps"] = c["make"]()
-            for _ in range(warmup):
-                for fn in c["steps"].values():
-                    fn()
-            torch.cuda.synchronize(device)
-        except Exception as e:  # noqa: BLE001
-            failed(c, e)
-    for _ in range(repeats):
-        for c in cands:  # interleaved: every round times every candidate once
-            if c["steps"] is not None:
-                try:
-                    for mode, fn in c["steps"].items():
-                        c["times"][mode].append(time_cuda(fn))
-                except Exception as e:  # noqa: BLE001
-                    failed(c, e)
+    time_candidates(cands, repeats, warmup, time_cuda, lambda: torch.cuda.synchronize(device), end_on_sticky_error)
     rows = []
     for c in cands:
         row = {"hidden": H, "seq_len": T, "batch": B, "dtype": dtype_name, "name": c["name"], "K": c["K"],
                "path": c["path"], "params": c["params"]}  # fmt: skip
-        for mode in ("fwd", "fwd_bwd"):
+        for mode in MODES:
             med = statistics.median(c["times"][mode]) if c["times"][mode] else None
             row[f"{mode}_ms"] = None if med is None else med * 1e3
             row[f"{mode}_tok_s"] = None if med is None else T * B / med
@@ -481,7 +516,7 @@ def bench_cuda_config(H, groups, T, B, dtype_name, repeats, warmup, device, flas
         rows.append(row)
     base = rows[0]
     for row in rows:
-        for mode in ("fwd", "fwd_bwd"):
+        for mode in MODES:
             ok = row[f"{mode}_tok_s"] is not None and base[f"{mode}_tok_s"] is not None
             row[f"{mode}_ratio"] = row[f"{mode}_tok_s"] / base[f"{mode}_tok_s"] if ok else None
     del cands
@@ -494,12 +529,15 @@ def print_cuda_table(rows: List[dict]) -> None:
     header = f"{'model':<20}{'path':<14}{'params':>11}{'fwd ms':>9}{'x cuDNN':>9}{'fwd+bwd ms':>12}{'x cuDNN':>9}"
     print(header)
     print("-" * len(header))
+
+    def cells(r, mode, width):  # a mode's time and ratio, or dashes where it has none
+        if r[f"{mode}_ms"] is None:
+            return f"{'-':>{width}}{'-':>9}"
+        return f"{r[f'{mode}_ms']:>{width}.3f}{r[f'{mode}_ratio'] or 0:>8.2f}x"
+
     for r in rows:
-        if r["fwd_ms"] is None:
-            print(f"{r['name']:<20}{r['path']:<14}{r['params']:>11,}  {r.get('error', 'no time')}")
-            continue
-        print(f"{r['name']:<20}{r['path']:<14}{r['params']:>11,}{r['fwd_ms']:>9.3f}{r['fwd_ratio'] or 0:>8.2f}x"
-              f"{r['fwd_bwd_ms']:>12.3f}{r['fwd_bwd_ratio'] or 0:>8.2f}x")  # fmt: skip
+        error = f"  {r['error']}" if "error" in r else ""
+        print(f"{r['name']:<20}{r['path']:<14}{r['params']:>11,}{cells(r, 'fwd', 9)}{cells(r, 'fwd_bwd', 12)}{error}")
 
 
 def plot_cuda(results: List[dict], path: str) -> None:
@@ -564,8 +602,7 @@ def main_cuda(args) -> List[dict]:
         if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
             skipped.append({"hidden": H, "seq_len": T, "batch": B, "dtype": dt})
             continue
-        target = (H, dt, T, B) == (TARGET["hidden"], TARGET["dtype"], TARGET["seq_len"], TARGET["batch"])
-        with_flashrnn = flashrnn if args.flashrnn == "all" or target else None
+        with_flashrnn = flashrnn if args.flashrnn == "all" or (H, T, B, dt) in TARGETS else None
         rows = bench_cuda_config(H, args.groups, T, B, dt, args.repeats, args.warmup, device, with_flashrnn,
                                  args.flashrnn_max_head, args.persistent)  # fmt: skip
         print_cuda_table(rows)
@@ -630,7 +667,8 @@ def main(argv=None) -> List[dict]:
     )
     parser.add_argument("--flashrnn", choices=["all", "target", "off"], default="all",
                         help="CUDA: FlashRNN's rows (when importable) in every configuration, in the target "
-                             "configuration only (its kernels compile per T, B and head size), or none")
+                             "configuration and its float32 twin only (its kernels compile per T, B and head "
+                             "size), or none")
     parser.add_argument("--flashrnn-max-head", type=int, default=128,
                         help="CUDA: FlashRNN's rows only up to this many units per head (default 128)")
     parser.add_argument("--persistent", action="store_true",

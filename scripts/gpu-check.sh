@@ -7,7 +7,8 @@
 #   3. python -m grnn_fairseq.benchmark --device cuda: Triton eager, with its loop graphs (--grnn-cuda-graphs)
 #      and with the persistent loops, the whole call captured as a CUDA graph, the PyTorch-ops step, cuDNN's
 #      nn.LSTM and FlashRNN (when its wheel is here) over the default grid, CUDA events, JSON and PNG; the
-#      issue's target configuration (hidden 1024, bfloat16, T 35, B 64) first, FlashRNN there only, the
+#      issue's target configuration (hidden 1024, bfloat16, T 35, B 64) and its float32 twin first, FlashRNN
+#      there only (FlashRNN 1.0.8's bfloat16 backward does not compile under Triton 3.6: forward only), the
 #      configurations the time budget leaves out listed in the JSON
 #   4. UPDATES (200) updates of fairseq-train --bf16 on Ding De-En with scripts/benchmark_models.py's recipe
 #      (Adam, --max-tokens 4000): fairseq's lstm_wiseman_iwslt_de_en (its sizes, decoder 512),
@@ -216,6 +217,17 @@ try:
                        "target_x_cudnn": targets.get(K), "triton_x_flashrnn": flash / ours if flash and ours else None})
     summary["target_config"] = {"hidden": 1024, "dtype": "bfloat16", "seq_len": 35, "batch": 64, "cudnn_ms": cudnn,
                                 "groups": groups, "not_timed": bench["config"]["skipped"] + bench["config"]["pending"]}
+    flash = []  # FlashRNN (G-LSTM) at the same width, in the target configuration and its float32 twin
+    for dtype in ("bfloat16", "float32"):
+        by_k = {}
+        for r in bench["rows"]:
+            if (r["hidden"], r["dtype"], r["seq_len"], r["batch"]) == (1024, dtype, 35, 64) and r["K"]:
+                by_k.setdefault(r["K"], {})[r["path"]] = r
+        for K, paths in sorted((k, v) for k, v in by_k.items() if "flashrnn" in v):
+            ms = {mode: {p: r[f"{mode}_ms"] for p, r in paths.items()} for mode in ("fwd", "fwd_bwd")}
+            flash.append({"dtype": dtype, "K": K, "units_per_head": 1024 // K, "ms": ms,
+                          "flashrnn_error": paths["flashrnn"].get("error")})
+    summary["flashrnn"] = flash
 except (OSError, ValueError, KeyError) as e:
     summary["target_config"] = f"no benchmark result: {e!r}"
 wps = {}
@@ -254,6 +266,14 @@ if isinstance(tc, dict):
               f"{x(r.get('triton-graph'))}  torch-ops {x(r.get('torch-ops'))}  flashrnn {x(r.get('flashrnn'))}")
 else:
     print(tc)
+for f in summary.get("flashrnn", []):  # our speed over FlashRNN's where it ran (target: at least 1.0x)
+    def over(mode, path, ms=f["ms"]):
+        flash, ours = ms[mode].get("flashrnn"), ms[mode].get(path)
+        return x(flash / ours if flash and ours else None)
+
+    speeds = [f"{m} triton {over(m, 'triton')} persistent {over(m, 'persistent')}" for m in ("fwd", "fwd_bwd")]
+    print(f"FlashRNN, hidden 1024, {f['dtype']}, K={f['K']} ({f['units_per_head']} per head), ours over FlashRNN: "
+          + ", ".join(speeds) + (f"; FlashRNN: {f['flashrnn_error']}" if f["flashrnn_error"] else ""))
 print(f"fairseq-train --bf16 words/s: lstm_wiseman_iwslt_de_en {wps['lstm']}, group_rnnsearch_iwslt groups 4 "
       f"{wps['group4']}: {x(summary['group4_x_lstm'])}, with --grnn-persistent-loops {wps['group4-persistent']}: "
       f"{x(summary['group4-persistent_x_lstm'])} (target 1.50x)")
