@@ -203,10 +203,15 @@ summary = {"stages": stages, "seconds": seconds}
 try:
     with open(os.path.join(out, "bench-cuda.json")) as f:
         bench = json.load(f)
-    rows = [r for r in bench["rows"] if (r["hidden"], r["dtype"], r["seq_len"], r["batch"]) == (1024, "bfloat16", 35, 64)]
-    ms = {}
-    for r in rows:
-        ms.setdefault(r["K"], {})[r["path"]] = r["fwd_bwd_ms"]
+
+    def config_rows(dtype):  # hidden 1024, T 35, B 64 in dtype: {K (None: cuDNN): {path: row}}
+        by_k = {}
+        for r in bench["rows"]:
+            if (r["hidden"], r["dtype"], r["seq_len"], r["batch"]) == (1024, dtype, 35, 64):
+                by_k.setdefault(r["K"], {})[r["path"]] = r
+        return by_k
+
+    ms = {K: {p: r["fwd_bwd_ms"] for p, r in paths.items()} for K, paths in config_rows("bfloat16").items()}
     cudnn = ms.get(None, {}).get("cudnn")
     targets = {1: 0.7, 2: 1.3, 4: 2.0}  # forward + backward speed over cuDNN's
     groups = []
@@ -219,13 +224,9 @@ try:
                                 "groups": groups, "not_timed": bench["config"]["skipped"] + bench["config"]["pending"]}
     flash = []  # FlashRNN (G-LSTM) at the same width, in the target configuration and its float32 twin
     for dtype in ("bfloat16", "float32"):
-        by_k = {}
-        for r in bench["rows"]:
-            if (r["hidden"], r["dtype"], r["seq_len"], r["batch"]) == (1024, dtype, 35, 64) and r["K"]:
-                by_k.setdefault(r["K"], {})[r["path"]] = r
-        for K, paths in sorted((k, v) for k, v in by_k.items() if "flashrnn" in v):
-            ms = {mode: {p: r[f"{mode}_ms"] for p, r in paths.items()} for mode in ("fwd", "fwd_bwd")}
-            flash.append({"dtype": dtype, "K": K, "units_per_head": 1024 // K, "ms": ms,
+        for K, paths in sorted((k, v) for k, v in config_rows(dtype).items() if "flashrnn" in v):
+            times = {mode: {p: r[f"{mode}_ms"] for p, r in paths.items()} for mode in ("fwd", "fwd_bwd")}
+            flash.append({"dtype": dtype, "K": K, "units_per_head": 1024 // K, "ms": times,
                           "flashrnn_error": paths["flashrnn"].get("error")})
     summary["flashrnn"] = flash
 except (OSError, ValueError, KeyError) as e:
