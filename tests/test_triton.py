@@ -353,6 +353,44 @@ def test_persistent_loops_launch_directly_from_their_second_call(direct_launches
     assert_close(second, first, 0.0)
 
 
+def test_launch_options(monkeypatch):
+    """Every launch asks for fused multiply-adds (what the kernels were measured with, whatever the installed
+    Triton's default); the loop kernels, and only they, for a cooperative launch (every program at once, or an
+    error)."""
+    seen = []
+    real = triton_step.StepLauncher.__call__
+
+    def record(self, key, t, make_args):
+        seen.append((self.kernel.fn.__name__, dict(self.options)))
+        return real(self, key, t, make_args)
+
+    monkeypatch.setattr(triton_step.StepLauncher, "__call__", record)
+    tensors, lengths, rmask = layer_case(4, 3, 8, 16, 2, padded=True, dropout=True)
+    run_layer("triton", tensors, True, lengths, rmask, persistent=True)
+    run_layer("triton", tensors, True, lengths, rmask)
+    gates = torch.randn(2, 3, 32, requires_grad=True)
+    h, c = triton_step.triton_cell(gates, torch.randn(2, 3, 8))
+    h.sum().backward()
+    kernels = {name for name, _ in seen}
+    assert kernels == {"_forward_kernel", "_backward_kernel", "_forward_loop_kernel", "_backward_loop_kernel"}
+    for name, options in seen:
+        assert options["enable_fp_fusion"] is True and options["num_warps"] >= 1
+        assert options.get("launch_cooperative_grid", False) is ("loop" in name)
+
+
+def test_a_failed_loop_launch_names_the_flag(monkeypatch):
+    """A loop launch the driver refuses (a cooperative grid it cannot run at once) stops with the flag named."""
+
+    def refuse(self, key, t, make_args):
+        if "loop" in self.kernel.fn.__name__:
+            raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+
+    monkeypatch.setattr(triton_step.StepLauncher, "__call__", refuse)
+    tensors, lengths, rmask = layer_case(4, 3, 8, 16, 2)
+    with pytest.raises(RuntimeError, match="--grnn-persistent-loops: launching the forward_loop kernel .* too many"):
+        run_layer("triton", tensors, True, lengths, rmask, persistent=True)
+
+
 def test_variant_key_holds_what_triton_specializes_on():
     """Two launches with one ``_variant_key`` get one compiled variant from the installed Triton: its JIT's
     binder for CUDA (Hopper) gives them the same specialization, over argument sets that vary every tensor's
@@ -649,7 +687,7 @@ def compile_for_hopper(name, pointer_types, constants, num_warps):
     fn = triton_step._kernel(name, False)
     signature = {a: "constexpr" if a in constants else pointer_types.get(a, "i32") for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps})  # fmt: skip
+                            options=triton_step._launch_options(num_warps, "loop" in name))  # fmt: skip
     assert kernel.asm["cubin"]
     return kernel.asm["ptx"]
 

@@ -459,7 +459,7 @@ class StepLauncher:
         self.kernel, self.grid = kernel, grid
         self.params = _parameters(kernel.fn)
         self.t_index = self.params.index("t")
-        self.options = options  # Triton's launch options (num_warps), not kernel arguments
+        self.options = options  # Triton's launch options (``_launch_options``), not kernel arguments
         self.device = device
         self.direct = _direct_launch_supported(device)
         self.run_grid = tuple(grid) + (1,) * (3 - len(grid))  # what a variant's launcher takes: three dimensions
@@ -574,6 +574,15 @@ def _resident_programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _launch_options(num_warps: int, loop: bool = False) -> dict:
+    """Triton's options of a launch (not kernel arguments): the warps of a program; fused multiply-adds on, as
+    every kernel here was measured with (Triton's default until 3.9, which warns that 3.10 turns it off); and for
+    a loop kernel a cooperative launch, with which the driver runs every program of the grid at once or refuses
+    the launch, where a program left waiting for a multiprocessor would hold the others at the grid barrier."""
+    options = {"num_warps": num_warps, "enable_fp_fusion": True}
+    return {**options, "launch_cooperative_grid": True} if loop else options
+
+
 def _dot_options(x: Tensor) -> dict:
     """The products' constexpr flags: float32 operands under the interpreter (no bfloat16 products there), and
     float32 products in full precision unless PyTorch's matmul flag allows TF32."""
@@ -647,7 +656,8 @@ class TritonStep(Step):
             _check(b.out, "out", (T, B, K * Hk), dt, dev)
             _check(b.w_hh, "w_hh", (K, G4, Hk), dt, dev)
             grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
-            self.launch = StepLauncher(_kernel("forward", not x.is_cuda), grid, {"num_warps": tiles.forward_warps}, dev)
+            self.launch = StepLauncher(_kernel("forward", not x.is_cuda), grid, _launch_options(tiles.forward_warps),
+                                       dev)  # fmt: skip
             self.w_t = b.w_hh.transpose(1, 2).contiguous()  # K x 4H/K x H/K -> K x H/K x 4H/K
             self.G = _group_views(b.G, T, B, G4)  # K x T x B x 4H/K
             # R[:, 1:] and C[:, 1:]: step t writes h_t and c_t at index t of these views
@@ -662,7 +672,7 @@ class TritonStep(Step):
             self.w = b.w_hh_grad.contiguous()  # K x 4H/K x H/K
             _check(self.w, "w_hh", (K, G4, Hk), dt, dev)
             grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_R))
-            self.launch = StepLauncher(_kernel("backward", not x.is_cuda), grid, {"num_warps": tiles.backward_warps},
+            self.launch = StepLauncher(_kernel("backward", not x.is_cuda), grid, _launch_options(tiles.backward_warps),
                                        dev)  # fmt: skip
             self.dc_r = torch.zeros(K, B, Hk, dtype=state, device=dev)  # dc_t in r order
             self.dy = b.d_out  # T x B x H, or a float32 copy once a final state's gradient is added
@@ -678,10 +688,15 @@ class TritonStep(Step):
         ``pointers``, the barrier's counter, t, the step count T, ``sizes``, this step's flags and ``flags``."""
         device = self.buf.x.device
         grid = (min(math.prod(self.launch.grid), _resident_programs(device)),)
-        launch = StepLauncher(_kernel(name, not self.buf.x.is_cuda), grid, self.launch.options, device)
+        options = _launch_options(self.launch.options["num_warps"], loop=True)
+        launch = StepLauncher(_kernel(name, not self.buf.x.is_cuda), grid, options, device)
         sync = torch.zeros(1, dtype=torch.int32, device=device)  # the grid barrier's counter
         values = (*pointers, sync, t, self.sizes[0], *sizes)
-        launch("loop", t, lambda: {**dict(zip(launch.params, values)), **self.flags, **flags})
+        try:
+            launch("loop", t, lambda: {**dict(zip(launch.params, values)), **self.flags, **flags})
+        except RuntimeError as e:  # e.g. the driver's refusal of a cooperative launch it cannot run at once
+            raise RuntimeError(f"--grnn-persistent-loops: launching the {name} kernel on {grid[0]} programs "
+                               f"failed ({e}); train without the flag") from e
 
     def _named(self, *args) -> dict:
         """The kernel's leading positional arguments by name."""
@@ -972,7 +987,7 @@ class TritonCellFunction(torch.autograd.Function):
         tiles = _tiles(gates, B, K, Hk)
         grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_J))
         # one step (T = 1, t = 0) of the forward kernel: gates as G, h_t into h, c_t into c_new
-        launch = StepLauncher(_kernel("forward", not gates.is_cuda), grid, {"num_warps": tiles.forward_warps},
+        launch = StepLauncher(_kernel("forward", not gates.is_cuda), grid, _launch_options(tiles.forward_warps),
                               gates.device)
         launch("cell", 0, lambda: {
             **dict(zip(launch.params, (z, None, h, None, None, c, c_new, Q, QC, F, None, 0, 1, B, K, Hk, B * Hk,
@@ -999,7 +1014,8 @@ class TritonCellFunction(torch.autograd.Function):
         tiles = _tiles(dgates, B, K, Hk)
         grid = (K, _cdiv(B, tiles.BLOCK_B), _cdiv(Hk, tiles.BLOCK_R))
         # one step (T = 1, t = 0) of the backward kernel without a product: dh (K x B x H/K) as the output gradient
-        launch = StepLauncher(_kernel("backward", not Q.is_cuda), grid, {"num_warps": tiles.backward_warps}, Q.device)
+        launch = StepLauncher(_kernel("backward", not Q.is_cuda), grid, _launch_options(tiles.backward_warps),
+                              Q.device)
         launch("cell", 0, lambda: {
             **dict(zip(launch.params, (dgates, None, Q, QC, F, dc, dc_prev, dh, None, None, 0, 1, B, K, Hk, 0, Hk,
                                        B * Hk))),
