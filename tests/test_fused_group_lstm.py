@@ -413,6 +413,30 @@ def test_fused_cell_matches_pytorch_cell(fused_mode, c_kernel, K, outputs):
     assert_close(run(True), run(False), 2e-6)
 
 
+@pytest.mark.parametrize("K", [1, 4])
+def test_fused_cell_without_gradients(fused_mode, c_kernel, monkeypatch, K):
+    """Without autograd (decoding), the C kernel's cell runs without an autograd node and saves nothing: the same
+    h' and c' to the bit as with gradients, PyTorch operations' within float32 rounding, and the gates untouched
+    (the kernel reads their g rows doubled from a copy)."""
+    from grnn_fairseq.modules.group_lstm import GroupLSTMCell
+
+    torch.manual_seed(0)
+    cell = GroupLSTMCell(8, 16, groups=K)
+    x, hx = torch.randn(3, 8), (torch.randn(3, 16), torch.randn(3, 16))
+    fused_mode(True)
+    with_grad = cell(x, hx)
+    gates, c = torch.randn(K, 3, 4 * 16 // K), torch.randn(K, 3, 16 // K)
+    before = gates.clone()
+    with torch.no_grad():
+        monkeypatch.setattr(steps.FusedLSTMCellFunction, "apply", None)  # fails if called
+        no_grad = cell(x, hx)
+        pointwise = steps.cell_pointwise(gates, c)
+    assert all(v.grad_fn is None for v in no_grad)
+    assert_close(list(no_grad), list(with_grad), 0.0)
+    assert torch.equal(gates, before)
+    assert_close(list(pointwise), list(steps.lstm_cell(gates, c)), 2e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_runs_the_fused_path_in_float32(fused_mode, monkeypatch, dtype):
     """float16/bfloat16 modules (fairseq --fp16) take the fused path in float32: outputs equal the float32 run of

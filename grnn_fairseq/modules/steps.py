@@ -20,6 +20,7 @@ every backend.
 
 import ctypes
 import dataclasses
+import functools
 import importlib.machinery
 import importlib.util
 import os
@@ -468,6 +469,33 @@ def make_step(buf: StepBuffers, forward: bool, kind: Optional[str] = None, loops
 # ------------------------------------------------------------------------------------ one step of a cell
 
 
+def _cell_forward(gates: Tensor, c: Tensor, save: bool):
+    """``FusedLSTMCellFunction``'s forward: h, c' (K x B x H/K each) and, with ``save``, the derivatives its backward
+    reads (Q, Qc, Fc), else None."""
+    K, B, G4 = gates.shape
+    Hk = G4 // 4
+    z = (gates * _g_doubled(G4)).contiguous()  # K x B x 4H/K; the kernel reads tanh(z_g) as 2 sigmoid(2 z_g) - 1
+    _check(z, _Buffer("gates", (K, B, G4)))
+    c = _check(c.contiguous(), _Buffer("c", (K, B, Hk)))
+    h, c_new = gates.new_empty(K, B, Hk), gates.new_empty(K, B, Hk)
+    Q, Qc, Fc = (gates.new_empty(K, B, G4), gates.new_empty(K, B, Hk), gates.new_empty(K, B, Hk)) if save \
+        else (None, None, None)  # fmt: skip
+    _C.forward_step(
+        K, B, Hk, 0, _pointers(z.unbind(0)), None, 0, G4, c.data_ptr(), c_new.data_ptr(), B * Hk,
+        h.data_ptr(), B * Hk, None if Q is None else Q.data_ptr(), B * G4, None if Qc is None else Qc.data_ptr(),
+        None if Fc is None else Fc.data_ptr(), B * Hk, None, torch.get_num_threads(),
+    )  # fmt: skip
+    return h, c_new, (Q, Qc, Fc)
+
+
+@functools.lru_cache(maxsize=64)
+def _g_doubled(G4: int) -> Tensor:
+    """4H/K float32 factors, 2 on the g gate's pre-activations, 1 elsewhere (cached: never written)."""
+    scale = torch.ones(4, G4 // 4)
+    scale[2] = 2
+    return scale.view(G4)
+
+
 class FusedLSTMCellFunction(torch.autograd.Function):
     """The pointwise half of one group LSTM step on the C kernel: pre-activations and c_{t-1} -> h_t, c_t.
 
@@ -477,20 +505,8 @@ class FusedLSTMCellFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates: Tensor, c: Tensor):
-        K, B, G4 = gates.shape
-        Hk = G4 // 4
-        z = gates.contiguous().clone()  # the kernel reads tanh(z_g) as 2 sigmoid(2 z_g) - 1: g doubled
-        z[..., 2 * Hk : 3 * Hk].mul_(2)
-        c = _check(c.contiguous(), _Buffer("c", (K, B, Hk)))
-        _check(z, _Buffer("gates", (K, B, G4)))
-        h, c_new, Qc, Fc = (gates.new_empty(K, B, Hk) for _ in range(4))
-        Q = gates.new_empty(K, B, G4)
-        _C.forward_step(
-            K, B, Hk, 0, _pointers(z.unbind(0)), None, 0, G4, c.data_ptr(), c_new.data_ptr(), B * Hk,
-            h.data_ptr(), B * Hk, Q.data_ptr(), B * G4, Qc.data_ptr(), Fc.data_ptr(), B * Hk, None,
-            torch.get_num_threads(),
-        )  # fmt: skip
-        ctx.save_for_backward(Q, Qc, Fc)
+        h, c_new, saved = _cell_forward(gates, c, save=True)
+        ctx.save_for_backward(*saved)
         return h, c_new
 
     @staticmethod
@@ -525,7 +541,10 @@ def cell_pointwise(gates: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
     if backend.fused():
         kind = step_kind(gates)
         if kind == "c":
-            return FusedLSTMCellFunction.apply(gates, c)
+            if torch.is_grad_enabled() and (gates.requires_grad or c.requires_grad):
+                return FusedLSTMCellFunction.apply(gates, c)
+            h, c_new, _ = _cell_forward(gates, c, save=False)  # decoding: no autograd node, nothing saved
+            return h, c_new
         if kind == "triton":
             from .triton_step import triton_cell
 
