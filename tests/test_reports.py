@@ -139,12 +139,12 @@ def test_translation_report_end_to_end(tmp_path):
     out = tmp_path / "report"
     translation_report.main([str(tmp_path), "--models", *models, "--updates", "2", "--bootstrap-samples", "10",
                              "--save-root", str(tmp_path / "runs"), "--out", str(out)])  # fmt: skip
-    rows = json.loads(open(f"{out}.json").read())["rows"]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["model"] for r in rows] == models
     assert [r["recurrent_params"] for r in rows] == [1314816, 5259264]
     assert rows[0]["p"] is None and 0 <= rows[1]["p"] <= 1
     assert all(r["valid_bits"] > 0 and r["attention_peak"] is not None for r in rows)
-    table = open(f"{out}.md").read().splitlines()
+    table = out.with_suffix(".md").read_text().splitlines()
     assert table[2].startswith("| fairseq lstm_wiseman_iwslt_de_en | 1.31M |") and "| baseline |" in table[2]
     assert table[3].startswith("| group_rnnsearch_iwslt, groups 2 | 5.26M |")
 
