@@ -576,7 +576,7 @@ def _resident_programs(device: torch.device) -> int:
 
 def _launch_options(num_warps: int, loop: bool = False) -> dict:
     """Triton's options of a launch (not kernel arguments): the warps of a program; fused multiply-adds on, as
-    every kernel here was measured with (Triton's default until 3.9, which warns that 3.10 turns it off); and for
+    every kernel here was measured with (Triton's default through 3.9, which warns that 3.10 turns it off); and for
     a loop kernel a cooperative launch, with which the driver runs every program of the grid at once or refuses
     the launch, where a program left waiting for a multiprocessor would hold the others at the grid barrier."""
     options = {"num_warps": num_warps, "enable_fp_fusion": True}
