@@ -48,6 +48,15 @@ def from_group_major(v: Tensor) -> Tensor:
     return v.transpose(0, 1).reshape(B, K * Hk)
 
 
+def gate_scale(x: Tensor, G4: int) -> Tensor:
+    """4H/K factors in x's dtype and device: 2 on the g gate's rows, 1 elsewhere. The fused steps compute the g gate
+    as tanh(z) = 2 sigmoid(2z) - 1, so that one sigmoid covers all four gates: its pre-activation is doubled (rows
+    of w_ih, w_hh and the bias in the layer, the gates themselves in the cell)."""
+    scale = x.new_ones(4, G4 // 4)
+    scale[2] = 2
+    return scale.view(G4)
+
+
 def prefix_mask(lengths: Tensor, T: int) -> Tensor:
     """T x B mask, True where t < lengths[b]."""
     return torch.arange(T, device=lengths.device).unsqueeze(1) < lengths.unsqueeze(0)

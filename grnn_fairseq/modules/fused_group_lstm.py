@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import backend, products
-from .functional import prefix_mask
+from .functional import gate_scale, prefix_mask
 from .steps import StepBuffers, _h_split, _h_view, make_step, step_kind
 
 HALF = (torch.float16, torch.bfloat16)
@@ -123,14 +123,6 @@ class _Workspace:
 _WORKSPACE = _Workspace()
 
 
-def _gate_scale(x: Tensor, G4: int) -> Tensor:
-    """4H/K factors: 2 on the g gate's rows, 1 elsewhere. The g gate is computed as tanh(z) = 2 sigmoid(2z) - 1,
-    so that one sigmoid covers all four gates: its pre-activation is doubled (rows of w_ih, w_hh, the bias)."""
-    scale = x.new_ones(4, G4 // 4)
-    scale[2] = 2
-    return scale.view(G4)
-
-
 def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
     """The forward recurrence. Returns (output, h_n, c_n) and, with ``save``, the buffers backward needs and the
     step backend that ran (the backward pass runs the same one)."""
@@ -140,7 +132,7 @@ def _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, shuffle, lengths, rmask, save):
     H = Hk * K
     assert Ik * K == I, f"input size {I} does not match weight_ih {tuple(w_ih.shape)}"
     shuffle = shuffle and K > 1
-    scale = _gate_scale(x, G4)
+    scale = gate_scale(x, G4)
     bias = None if b_ih is None else (b_ih + b_hh) * scale  # K x 4H/K
 
     kind, loops = step_kind(x), backend.cuda_loops()

@@ -20,7 +20,6 @@ every backend.
 
 import ctypes
 import dataclasses
-import functools
 import importlib.machinery
 import importlib.util
 import os
@@ -32,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from . import backend
 from .activations import tanh, tanh_into
+from .functional import gate_scale
 from .products import StepProducts
 
 # ------------------------------------------------------------------------------------------ the C library
@@ -474,7 +474,7 @@ def _cell_forward(gates: Tensor, c: Tensor, save: bool):
     reads (Q, Qc, Fc), else None."""
     K, B, G4 = gates.shape
     Hk = G4 // 4
-    z = (gates * _g_doubled(G4)).contiguous()  # K x B x 4H/K; the kernel reads tanh(z_g) as 2 sigmoid(2 z_g) - 1
+    z = (gates * gate_scale(gates, G4)).contiguous()  # K x B x 4H/K, the g gate doubled (``gate_scale``)
     _check(z, _Buffer("gates", (K, B, G4)))
     c = _check(c.contiguous(), _Buffer("c", (K, B, Hk)))
     h, c_new = gates.new_empty(K, B, Hk), gates.new_empty(K, B, Hk)
@@ -486,14 +486,6 @@ def _cell_forward(gates: Tensor, c: Tensor, save: bool):
         None if Fc is None else Fc.data_ptr(), B * Hk, None, torch.get_num_threads(),
     )  # fmt: skip
     return h, c_new, (Q, Qc, Fc)
-
-
-@functools.lru_cache(maxsize=64)
-def _g_doubled(G4: int) -> Tensor:
-    """4H/K float32 factors, 2 on the g gate's pre-activations, 1 elsewhere (cached: never written)."""
-    scale = torch.ones(4, G4 // 4)
-    scale[2] = 2
-    return scale.view(G4)
 
 
 class FusedLSTMCellFunction(torch.autograd.Function):
